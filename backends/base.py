@@ -1,0 +1,255 @@
+"""The storage interface every backend implements.
+
+Backends take *physical* keys (``tenants/acme/ns/flow/out.csv``) and know nothing of
+tenants, scopes or HTTP: the gateway's key function (``gateway.keys``) is the only place
+that turns a request into a physical key, and it has already refused anything odd by the
+time a backend sees it.
+
+Keys are ``/``-separated, never start or end with ``/``, never hold empty, ``.`` or ``..``
+segments. The empty key ``""`` names the root directory (only ``info`` and ``list`` take it).
+
+Errors are builtin exceptions only, so the HTTP layer maps them in one place:
+
+- ``FileNotFoundError``: no object or directory at the key (or a parent is missing).
+- ``FileExistsError``: a create-only write, a move or a mkdir found something in the way.
+- ``IsADirectoryError``: a file operation named a directory.
+- ``NotADirectoryError``: a directory operation named a file, or a parent of the key is a file.
+- ``OSError`` with ``errno.ENOSPC`` / ``errno.EDQUOT``: the store is full.
+- any other ``OSError`` / ``ConnectionError`` / ``TimeoutError``: the store failed.
+
+Order: listings are sorted by key in code-point order (the same as S3's UTF-8 byte order).
+In a one-level listing a directory sorts as its name followed by ``/``, exactly where S3
+puts a common prefix, so a cursor means the same thing on every backend.
+"""
+
+from __future__ import annotations
+
+import errno
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import ClassVar, Final, Literal
+
+FILE: Final = "file"
+DIRECTORY: Final = "directory"
+
+EMPTY_METADATA: Final[Mapping[str, str]] = MappingProxyType({})
+
+# the part of the key space reserved for the gateway and its backends; no tenant key can reach it
+SYSTEM_PREFIX: Final = ".gateway"
+
+# S3 limits user metadata to 2 KiB (keys plus values); every backend keeps the same bound
+# so an object can move between backends unchanged.
+MAX_METADATA_BYTES: Final = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class Info:
+    """What a backend knows of one object or directory (fsspec's ``name``/``size``/``type``)."""
+
+    name: str
+    type: Literal["file", "directory"]
+    size: int = 0
+    mtime: float | None = None
+    """Last modification, POSIX seconds (``None`` for directories a store cannot date)."""
+    ctime: float | None = None
+    """Creation time where the store knows it, else the last modification."""
+    etag: str | None = None
+    """Opaque, unquoted validator; it changes whenever the content may have changed."""
+    content_type: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=lambda: EMPTY_METADATA)
+
+    @property
+    def is_dir(self) -> bool:
+        return self.type == DIRECTORY
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a listing; pass ``next_cursor`` back as ``start_after`` for the next."""
+
+    entries: list[Info]
+    next_cursor: str | None
+
+
+class Reader(ABC):
+    """An object opened for reading: its ``info`` and its bytes are of the same version."""
+
+    info: Info
+
+    @abstractmethod
+    def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """Yield the bytes ``[start, end)`` of the object (``end=None``: to the end).
+
+        Parameters
+        ----------
+        start, end:
+            Byte offsets already checked by the caller (``0 <= start <= end <= size``).
+        """
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the handle; safe to call twice."""
+
+    async def __aenter__(self) -> Reader:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class Backend(ABC):
+    """A store of objects under physical keys.
+
+    Implementations: ``backends.local.LocalBackend``, ``backends.s3.S3Backend``,
+    ``backends.memory.MemoryBackend``; ``backends.registry`` picks one by name.
+    """
+
+    protocol: ClassVar[str]
+    empty_directories: ClassVar[bool] = True
+    """Whether a directory outlives its last file (False on S3, where directories are prefixes)."""
+
+    async def start(self) -> None:
+        """Open connections, check the store is usable, clean up what a crash left behind."""
+
+    async def close(self) -> None:
+        """Release connections and handles."""
+
+    async def ready(self) -> None:
+        """Raise if the store cannot serve now (used by the readiness check)."""
+        await self.info("")
+
+    @abstractmethod
+    async def info(self, key: str) -> Info:
+        """Return what the store knows of ``key`` (``""``: the root directory).
+
+        Raises
+        ------
+        FileNotFoundError
+            Nothing at ``key``.
+        """
+
+    async def exists(self, key: str) -> bool:
+        try:
+            await self.info(key)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return True
+
+    @abstractmethod
+    async def open_read(self, key: str) -> Reader:
+        """Open the file at ``key`` for reading.
+
+        Raises
+        ------
+        FileNotFoundError, IsADirectoryError
+        """
+
+    @abstractmethod
+    async def write(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        content_type: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        exclusive: bool = False,
+    ) -> Info:
+        """Store the bytes of ``chunks`` at ``key``, atomically, and return the new ``Info``.
+
+        A reader sees the old object or the whole new one, never a part. When this returns,
+        the object is durable (fsynced, or acknowledged by the store). If ``chunks`` raises,
+        or the store fails, nothing is stored, the old object (if any) is untouched, and the
+        exception propagates. Parent directories are created as needed.
+
+        Parameters
+        ----------
+        content_type:
+            Stored and returned by ``info`` (``None``: not recorded).
+        metadata:
+            User metadata, string to string, at most ``MAX_METADATA_BYTES`` in all.
+        exclusive:
+            Create only: raise ``FileExistsError`` if an object exists at ``key``.
+
+        Raises
+        ------
+        FileExistsError, IsADirectoryError, NotADirectoryError
+        """
+
+    @abstractmethod
+    async def list(
+        self,
+        key: str,
+        *,
+        recursive: bool = False,
+        limit: int = 1000,
+        start_after: str | None = None,
+    ) -> Page:
+        """List the directory ``key`` (``""``: the root).
+
+        One level: its files and directories. Recursive: every file below it, no directories.
+        At most ``limit`` entries whose sort key (directories: name + ``/``) is greater than
+        ``start_after``, in order.
+
+        Raises
+        ------
+        FileNotFoundError
+            No directory at ``key`` (and, on stores without real directories, no key below it).
+        NotADirectoryError
+            ``key`` is a file.
+        """
+
+    @abstractmethod
+    async def delete(self, key: str) -> None:
+        """Delete the file at ``key``.
+
+        Raises
+        ------
+        FileNotFoundError, IsADirectoryError
+        """
+
+    @abstractmethod
+    async def delete_prefix(self, key: str) -> int:
+        """Delete the directory ``key`` and everything below it; return the files deleted.
+
+        Raises
+        ------
+        FileNotFoundError, NotADirectoryError
+        """
+
+    @abstractmethod
+    async def move(self, src: str, dst: str) -> None:
+        """Move the file or directory ``src`` to ``dst`` (which must not exist).
+
+        Raises
+        ------
+        FileNotFoundError, FileExistsError, NotADirectoryError
+        """
+
+    @abstractmethod
+    async def mkdir(self, key: str) -> None:
+        """Create the directory ``key`` and its parents; no error if it is already a directory.
+
+        Raises
+        ------
+        FileExistsError
+            A file is at ``key``.
+        NotADirectoryError
+            A parent of ``key`` is a file.
+        """
+
+
+def sort_key(info: Info) -> str:
+    """Given an entry of a one-level listing, return the string it sorts and pages by."""
+    return info.name + "/" if info.is_dir else info.name
+
+
+def metadata_size(metadata: Mapping[str, str]) -> int:
+    """Given user metadata, return its size as S3 counts it (UTF-8 keys plus values)."""
+    return sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
+
+
+def no_space(message: str = "no space left in the store") -> OSError:
+    """Return the error a backend raises when the store is full."""
+    return OSError(errno.ENOSPC, message)

@@ -1,0 +1,200 @@
+"""The aiohttp application: ``create_app(config) -> web.Application``.
+
+A request for ``/api/v1/...`` goes: error middleware -> ``dispatch`` (the scope from the URL's
+tenant segment as sent, the key decoded once from the request line) -> a handler of
+``gateway.files``, whose first step is ``keys.resolve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from types import MappingProxyType
+from typing import Final
+
+from aiohttp import web
+
+from backends.base import Backend
+from backends.registry import backend_class
+
+from . import files, keys
+from .config import Config
+from .errors import GatewayError, InsufficientStorage, MethodNotAllowed, NotFound
+from .keys import Scope
+from .openapi import openapi_document
+from .state import BACKEND, CONFIG, TENANCY
+from .tenancy import Tenancy
+
+log = logging.getLogger("gateway")
+
+Handler = Callable[[web.Request, Scope, str | None], Awaitable[web.StreamResponse]]
+
+ACTIONS: Final[Mapping[str, Mapping[str, Handler]]] = MappingProxyType(
+    {
+        "files": {
+            "GET": files.get_file,
+            "HEAD": files.get_file,
+            "PUT": files.put_file,
+            "DELETE": files.delete,
+        },
+        "stats": {"GET": files.stat},
+        "list": {"GET": files.list_dir},
+        "directories": {"POST": files.make_directory},
+        "move": {"POST": files.move},
+    }
+)
+API_PREFIX: Final = "/api/v1/"
+READY_TIMEOUT: Final = 5.0
+
+
+def _error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.json_response({"error": code, "message": message}, status=status, headers=headers)
+
+
+def _from_exception(exc: BaseException) -> web.Response | None:
+    """Given an exception from a handler or a backend, return its JSON answer.
+
+    Most specific class first; a backend's builtin exceptions keep their meaning, and a
+    message never carries what the exception said (it may hold a physical path).
+    """
+    if isinstance(exc, GatewayError):
+        response = web.json_response(exc.body(), status=exc.status)
+        size = getattr(exc, "size", None)
+        if size is not None:  # RFC 9110, 14.4: 416 says how large the object is
+            response.headers["Content-Range"] = f"bytes */{size}"
+        return response
+    if isinstance(exc, FileNotFoundError):
+        return _error(404, "not_found", "no file or directory at this key")
+    if isinstance(exc, FileExistsError):
+        return _error(409, "conflict", "something already exists at this key")
+    if isinstance(exc, IsADirectoryError):
+        return _error(409, "is_a_directory", "a directory is at this key")
+    if isinstance(exc, NotADirectoryError):
+        return _error(409, "not_a_directory", "a file is where this key needs a directory")
+    if isinstance(exc, PermissionError):
+        return _error(403, "storage_refused", "the storage refused this operation")
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        error = InsufficientStorage("the storage is full; nothing was stored")
+        return web.json_response(error.body(), status=error.status)
+    if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
+        return _error(503, "storage_unavailable", "the storage failed; try again later")
+    return None
+
+
+@web.middleware
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = exc.reason.lower().replace(" ", "_")
+        return _error(exc.status, code, exc.reason, headers={
+            k: v for k, v in exc.headers.items() if k.lower() in ("allow", "www-authenticate")
+        })  # fmt: skip
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        response = _from_exception(exc)
+        if response is None:
+            log.exception("unexpected error on %s %s", request.method, request.path)
+            return _error(500, "internal", "internal error")
+        if response.status >= 500:
+            log.warning("%s %s: %r", request.method, request.path, exc)
+        return response
+
+
+async def dispatch(request: web.Request) -> web.StreamResponse:
+    """Given ``/api/v1/[{tenant}/]{action}[/{key}]``, call the action's handler.
+
+    The tenant and the key are read from the request line as sent (``raw_path``), not from
+    aiohttp's decoded path: the tenant must match its grammar without decoding, and the key
+    is decoded exactly once, here, by ``keys.decode_path``.
+    """
+    path = request.raw_path.split("?", 1)[0].split("#", 1)[0]
+    if not path.startswith(API_PREFIX):
+        raise NotFound("no such route")
+    rest = path[len(API_PREFIX) :].split("/")
+    raw_tenant: str | None = None
+    if rest[0] not in ACTIONS:
+        raw_tenant, rest = rest[0], rest[1:]
+    if not rest or rest[0] not in ACTIONS:
+        raise NotFound("no such route")
+    methods = ACTIONS[rest[0]]
+    handler = methods.get(request.method)
+    if handler is None:
+        raise web.HTTPMethodNotAllowed(request.method, sorted(methods))
+    scope = request.app[TENANCY].scope(raw_tenant)
+    tail = rest[1:]
+    raw_key: str | None
+    if tail:
+        raw_key = keys.decode_path("/".join(tail))
+    elif "uri" in request.query:
+        raw_key = keys.parse_uri(request.query["uri"])
+    else:
+        raw_key = None
+    return await handler(request, scope, raw_key)
+
+
+async def health_live(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def health_ready(request: web.Request) -> web.Response:
+    try:
+        await asyncio.wait_for(request.app[BACKEND].ready(), READY_TIMEOUT)
+    except (OSError, TimeoutError) as exc:
+        log.warning("readiness check failed: %r", exc)
+        return _error(503, "storage_unavailable", "the storage is not reachable")
+    return web.json_response({"status": "ok"})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.json_response(openapi_document())
+
+
+def make_backend(config: Config) -> Backend:
+    """Given the configuration, return the backend named by ``storage.type`` (not started)."""
+    kind = config["storage.type"]
+    cls = backend_class(kind)
+    if kind == "local":
+        return cls(config["storage.local.base-path"])  # type: ignore[call-arg]
+    if kind == "s3":
+        return cls(  # type: ignore[call-arg]
+            config["storage.s3.bucket"],
+            endpoint=config["storage.s3.endpoint"],
+            region=config["storage.s3.region"],
+            access_key=config["storage.s3.access-key"],
+            secret_key=config["storage.s3.secret-key"],
+            path=config["storage.s3.path"],
+            force_path_style=config["storage.s3.force-path-style"],
+        )
+    return cls()
+
+
+def create_app(config: Config, backend: Backend | None = None) -> web.Application:
+    """Given a checked configuration (and optionally a backend), return the application."""
+    app = web.Application(middlewares=[error_middleware])
+    app[CONFIG] = config
+    app[BACKEND] = backend if backend is not None else make_backend(config)
+    app[TENANCY] = Tenancy(config)
+
+    async def storage(app: web.Application) -> AsyncIterator[None]:
+        await app[BACKEND].start()
+        yield
+        await app[BACKEND].close()
+
+    app.cleanup_ctx.append(storage)
+    app.router.add_get("/health/live", health_live)
+    app.router.add_get("/health/ready", health_ready)
+    app.router.add_get("/openapi.json", openapi)
+    # The key may hold any character once decoded (even a newline, to be refused): match all.
+    app.router.add_route("*", r"/api/v1/{tail:[\s\S]*}", dispatch)
+    return app
+
+
+__all__ = ["MethodNotAllowed", "create_app", "dispatch", "make_backend"]

@@ -1,0 +1,114 @@
+"""Errors the gateway answers with, each carrying its HTTP status.
+
+One middleware (``gateway.app.error_middleware``) turns these, and the builtin exceptions
+backends raise, into JSON ``{"error": code, "message": text}`` answers. Messages are written
+for the caller: they name the rule that was broken, never a physical path, a stack trace or
+another tenant's name.
+
+Tree::
+
+    GatewayError (500 internal)
+    ├── BadRequest (400 bad_request)
+    │   ├── InvalidKey (400 invalid_key)            a key broke a rule of gateway.keys
+    │   ├── InvalidTenant (400 invalid_tenant)      a tenant id outside the grammar
+    │   └── ChecksumMismatch (400 checksum_mismatch)
+    ├── NotFound (404 not_found)
+    │   └── TenantNotFound (404 tenant_not_found)
+    ├── MethodNotAllowed (405 method_not_allowed)
+    ├── Conflict (409 conflict)
+    ├── PreconditionFailed (412 precondition_failed)
+    ├── PayloadTooLarge (413 payload_too_large)
+    ├── RangeNotSatisfiable (416 range_not_satisfiable)
+    ├── InsufficientStorage (507 insufficient_storage)
+    └── StorageUnavailable (503 storage_unavailable)
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class GatewayError(Exception):
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def body(self) -> dict[str, object]:
+        return {"error": self.code, "message": self.message}
+
+
+class BadRequest(GatewayError):
+    status = 400
+    code = "bad_request"
+
+
+class InvalidKey(BadRequest):
+    """A key (or ``kestra://`` URI) broke one of the rules of ``gateway.keys``."""
+
+    code = "invalid_key"
+
+    def __init__(self, rule: str, message: str) -> None:
+        super().__init__(message)
+        self.rule = rule
+
+    def body(self) -> dict[str, object]:
+        return {**super().body(), "rule": self.rule}
+
+
+class InvalidTenant(InvalidKey):
+    code = "invalid_tenant"
+
+
+class ChecksumMismatch(BadRequest):
+    code = "checksum_mismatch"
+
+
+class NotFound(GatewayError):
+    status = 404
+    code = "not_found"
+
+
+class TenantNotFound(NotFound):
+    code = "tenant_not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    code = "method_not_allowed"
+
+
+class Conflict(GatewayError):
+    status = 409
+    code = "conflict"
+
+
+class PreconditionFailed(GatewayError):
+    status = 412
+    code = "precondition_failed"
+
+
+class PayloadTooLarge(GatewayError):
+    status = 413
+    code = "payload_too_large"
+
+
+class RangeNotSatisfiable(GatewayError):
+    status = 416
+    code = "range_not_satisfiable"
+
+    def __init__(self, message: str, size: int) -> None:
+        super().__init__(message)
+        self.size = size
+
+
+class StorageUnavailable(GatewayError):
+    status = 503
+    code = "storage_unavailable"
+
+
+class InsufficientStorage(GatewayError):
+    status = 507
+    code = "insufficient_storage"

@@ -1,0 +1,361 @@
+"""The object API: upload, download, stat, list, delete, make directory, move.
+
+Every handler receives the request's ``Scope`` and the key as decoded once from the request
+line (not yet checked); its first step is ``keys.resolve``, whose output is the only string
+given to the backend. Every key an answer shows comes back through ``keys.unresolve``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import re
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Final
+from urllib.parse import quote
+
+from aiohttp import web
+
+from backends.base import MAX_METADATA_BYTES, Backend, Info, metadata_size
+
+from . import keys
+from .conditional import NOT_MODIFIED, evaluate, http_date, quote_etag, select_range
+from .errors import (
+    BadRequest,
+    ChecksumMismatch,
+    Conflict,
+    InvalidKey,
+    PayloadTooLarge,
+    PreconditionFailed,
+)
+from .keys import Scope
+from .state import BACKEND, CONFIG
+
+META_PREFIX: Final = "x-meta-"
+_META_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,127}")
+_PRINTABLE: Final = re.compile(r"[\x20-\x7e]*")
+READ_CHUNK: Final = 1 << 20
+MAX_LIST_LIMIT: Final = 1000
+# Kept tight on purpose: this is the header value downloads are served with.
+_CONTENT_TYPE: Final = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(\s*;[\x20-\x7e]*)?")
+
+# Downloads are data, not pages: never let a browser render or sniff them on this origin.
+DOWNLOAD_HEADERS: Final = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "sandbox; default-src 'none'",
+}
+
+
+def _key(scope: Scope, raw: str | None) -> str:
+    if raw is None:
+        raise InvalidKey("empty-key", "name a key in the path or as ?uri=kestra:///...")
+    return keys.resolve(scope, raw)
+
+
+def _backend(request: web.Request) -> Backend:
+    return request.app[BACKEND]
+
+
+def file_attributes(scope: Scope, info: Info) -> dict[str, Any]:
+    """Given a backend ``Info``, return Kestra's FileAttributes plus the key and URI."""
+    key = "" if info.name == scope.root else keys.unresolve(scope, info.name)
+    attributes: dict[str, Any] = {
+        "fileName": key.rsplit("/", 1)[-1],
+        "key": key,
+        "type": "Directory" if info.is_dir else "File",
+        "size": info.size,
+        "lastModifiedTime": None if info.mtime is None else int(info.mtime * 1000),
+        "creationTime": None if info.ctime is None else int(info.ctime * 1000),
+        "metadata": dict(info.metadata),
+    }
+    if key:
+        attributes["uri"] = keys.make_uri(key)
+    if not info.is_dir:
+        attributes["etag"] = quote_etag(info.etag)
+        attributes["contentType"] = info.content_type
+    return attributes
+
+
+# -- upload ------------------------------------------------------------------------------
+
+
+def _metadata(headers: Mapping[str, str]) -> dict[str, str]:
+    metadata: dict[str, str] = {}
+    for name, value in headers.items():
+        lower = name.lower()
+        if not lower.startswith(META_PREFIX):
+            continue
+        short = lower[len(META_PREFIX) :]
+        if not _META_NAME.fullmatch(short):
+            raise BadRequest(
+                "metadata names (X-Meta-<name>) use letters, digits, '-' and '_' (at most 128)"
+            )
+        if not _PRINTABLE.fullmatch(value):
+            raise BadRequest("metadata values must be printable ASCII")
+        if short in metadata:
+            raise BadRequest("a metadata name was sent twice")
+        metadata[short] = value
+    if metadata_size(metadata) > MAX_METADATA_BYTES:
+        raise BadRequest(f"metadata is limited to {MAX_METADATA_BYTES} bytes in all")
+    return metadata
+
+
+def _digest_header(headers: Mapping[str, str], name: str, size: int) -> bytes | None:
+    """Given ``Content-MD5`` (base64) or ``X-Checksum-Sha256`` (hex or base64), return bytes."""
+    value = headers.get(name)
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        if len(value) == size * 2:
+            return bytes.fromhex(value)
+        digest = base64.b64decode(value, validate=True)
+    except (ValueError, binascii.Error):
+        digest = b""
+    if len(digest) != size:
+        raise BadRequest(f"{name} is not a valid digest")
+    return digest
+
+
+class _Body:
+    """The request body as chunks, counted, size-bounded and hashed as it streams."""
+
+    def __init__(self, request: web.Request, max_size: int) -> None:
+        self.request = request
+        self.max_size = max_size
+        self.md5 = _digest_header(request.headers, "Content-MD5", 16)
+        self.sha256 = _digest_header(request.headers, "X-Checksum-Sha256", 32)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        md5 = hashlib.md5(usedforsecurity=False) if self.md5 is not None else None
+        sha = hashlib.sha256() if self.sha256 is not None else None
+        size = 0
+        async for chunk in self.request.content.iter_any():
+            size += len(chunk)
+            if size > self.max_size:
+                raise PayloadTooLarge(f"an object is limited to {self.max_size} bytes")
+            if md5 is not None:
+                md5.update(chunk)
+            if sha is not None:
+                sha.update(chunk)
+            yield chunk
+        # Raised before the iterator ends, so the backend aborts and stores nothing.
+        if md5 is not None and md5.digest() != self.md5:
+            raise ChecksumMismatch("Content-MD5 does not match the body; nothing was stored")
+        if sha is not None and sha.digest() != self.sha256:
+            raise ChecksumMismatch("X-Checksum-Sha256 does not match the body; nothing was stored")
+
+
+async def put_file(request: web.Request, scope: Scope, raw_key: str | None) -> web.Response:
+    physical = _key(scope, raw_key)
+    headers = request.headers
+    max_size: int = request.app[CONFIG]["limits.max-object-size"]
+    if request.content_length is not None and request.content_length > max_size:
+        raise PayloadTooLarge(f"an object is limited to {max_size} bytes")
+    if "If-Match" in headers:
+        raise BadRequest("If-Match is not supported on uploads; use If-None-Match: *")
+    if_none_match = headers.get("If-None-Match")
+    if if_none_match is not None and if_none_match.strip() != "*":
+        raise BadRequest("on uploads only If-None-Match: * (create only) is supported")
+    content_type = headers.get("Content-Type")
+    if content_type is not None and not _CONTENT_TYPE.fullmatch(content_type):
+        raise BadRequest("Content-Type is not a valid media type")
+    body = _Body(request, max_size)
+    try:
+        info = await _backend(request).write(
+            physical,
+            body.chunks(),
+            content_type=content_type,
+            metadata=_metadata(headers),
+            exclusive=if_none_match is not None,
+        )
+    except FileExistsError:
+        raise PreconditionFailed("If-None-Match: * and an object exists at this key") from None
+    key = keys.unresolve(scope, physical)
+    etag = quote_etag(info.etag)
+    return web.json_response(
+        {"uri": keys.make_uri(key), "key": key, "size": info.size, "etag": etag},
+        status=201,
+        headers={"ETag": etag} if etag else None,
+    )
+
+
+# -- download ----------------------------------------------------------------------------
+
+
+def _object_headers(info: Info) -> dict[str, str]:
+    headers = {
+        "Content-Type": info.content_type or "application/octet-stream",
+        "Accept-Ranges": "bytes",
+        **DOWNLOAD_HEADERS,
+    }
+    etag = quote_etag(info.etag)
+    if etag:
+        headers["ETag"] = etag
+    modified = http_date(info.mtime)
+    if modified:
+        headers["Last-Modified"] = modified
+    for name, value in info.metadata.items():
+        headers[f"X-Meta-{name}"] = value
+    return headers
+
+
+async def get_file(request: web.Request, scope: Scope, raw_key: str | None) -> web.StreamResponse:
+    physical = _key(scope, raw_key)
+    reader = await _backend(request).open_read(physical)
+    try:
+        info = reader.info
+        headers = _object_headers(info)
+        name = physical.rsplit("/", 1)[-1]
+        headers["Content-Disposition"] = "attachment; filename*=UTF-8''" + quote(name, safe="")
+        if evaluate(request.headers, info) == NOT_MODIFIED:
+            keep = ("ETag", "Last-Modified")
+            return web.Response(status=304, headers={k: headers[k] for k in keep if k in headers})
+        byte_range = select_range(request.headers, info)
+        start, end = (0, info.size) if byte_range is None else (byte_range.start, byte_range.end)
+        response = web.StreamResponse(status=200 if byte_range is None else 206, headers=headers)
+        if byte_range is not None:
+            response.headers["Content-Range"] = byte_range.content_range(info.size)
+        response.content_length = end - start
+        await response.prepare(request)
+        if request.method != "HEAD":
+            async for chunk in reader.chunks(start, end):
+                await response.write(chunk)
+        await response.write_eof()
+        return response
+    finally:
+        await reader.close()
+
+
+# -- metadata, listing, directories, delete, move ------------------------------------------
+
+
+async def stat(request: web.Request, scope: Scope, raw_key: str | None) -> web.Response:
+    physical = keys.resolve_dir(scope, raw_key or "")
+    info = await _backend(request).info(physical)
+    return web.json_response(file_attributes(scope, info))
+
+
+def _cursor_in(scope: Scope, value: str | None) -> str | None:
+    if not value:
+        return None
+    try:
+        relative = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode("utf-8")
+    except (ValueError, binascii.Error):
+        raise BadRequest("the cursor is not one this gateway gave") from None
+    return scope.prefix + relative
+
+
+def _cursor_out(scope: Scope, physical: str | None) -> str | None:
+    if physical is None:
+        return None
+    relative = physical[len(scope.prefix) :]
+    return base64.urlsafe_b64encode(relative.encode("utf-8")).decode("ascii").rstrip("=")
+
+
+def _int_param(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    value = request.query.get(name)
+    if value is None:
+        return default
+    if not value.isdigit() or not low <= int(value) <= high:
+        raise BadRequest(f"{name} must be an integer from {low} to {high}")
+    return int(value)
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    value = request.query.get(name, "false").lower()
+    if value in {"", "true", "1", "yes"}:
+        return True
+    if value in {"false", "0", "no"}:
+        return False
+    raise BadRequest(f"{name} must be true or false")
+
+
+def _skip_past(physical: str) -> str:
+    """Given a reserved top-level name, return a cursor after everything below it."""
+    top = physical.split("/", 1)[0]
+    return top + "/\U0010ffff"
+
+
+async def list_dir(request: web.Request, scope: Scope, raw_key: str | None) -> web.Response:
+    physical = keys.resolve_dir(scope, raw_key or "")
+    recursive = _flag(request, "recursive")
+    limit = _int_param(request, "limit", MAX_LIST_LIMIT, 1, MAX_LIST_LIMIT)
+    cursor = _cursor_in(scope, request.query.get("cursor"))
+    backend = _backend(request)
+    entries: list[dict[str, Any]] = []
+    while True:
+        page = await backend.list(
+            physical, recursive=recursive, limit=limit - len(entries), start_after=cursor
+        )
+        for info in page.entries:
+            if keys.visible(scope, info.name):
+                entries.append(file_attributes(scope, info))
+        cursor = page.next_cursor
+        # The null tenant's root holds every tenant's folder: a recursive listing of it
+        # jumps over the reserved prefixes instead of paging through other tenants' keys.
+        if cursor is not None and scope.tenant is None and not keys.visible(scope, cursor):
+            cursor = _skip_past(cursor)
+        if cursor is None or len(entries) >= limit:
+            break
+    return web.json_response({"entries": entries, "cursor": _cursor_out(scope, cursor)})
+
+
+async def make_directory(request: web.Request, scope: Scope, raw_key: str | None) -> web.Response:
+    physical = _key(scope, raw_key)
+    try:
+        await _backend(request).mkdir(physical)
+    except FileExistsError:
+        raise Conflict("a file exists at this key") from None
+    key = keys.unresolve(scope, physical)
+    return web.json_response({"uri": keys.make_uri(key), "key": key}, status=201)
+
+
+async def delete(request: web.Request, scope: Scope, raw_key: str | None) -> web.Response:
+    physical = _key(scope, raw_key)
+    backend = _backend(request)
+    if _flag(request, "recursive"):
+        info = await backend.info(physical)
+        if info.is_dir:
+            count = await backend.delete_prefix(physical)
+            return web.json_response({"deleted": count})
+    try:
+        await backend.delete(physical)
+    except IsADirectoryError:
+        raise Conflict("a directory is at this key; delete it with ?recursive=true") from None
+    return web.Response(status=204)
+
+
+def _key_or_uri(value: object, field: str) -> str:
+    if not isinstance(value, str):
+        raise BadRequest(f"{field} must be a key or a kestra:/// URI")
+    return keys.parse_uri(value) if value[:7].lower() == "kestra:" else value
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """Given a request with a JSON object body, return it, or raise ``BadRequest``."""
+    try:
+        body = await request.json(loads=json.loads)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    return body
+
+
+async def move(request: web.Request, scope: Scope, raw_key: str | None) -> web.Response:
+    if raw_key:
+        raise BadRequest("name the keys in the body: {\"from\": ..., \"to\": ...}")
+    body = await read_json(request)
+    src = keys.resolve(scope, _key_or_uri(body.get("from"), "from"))
+    dst = keys.resolve(scope, _key_or_uri(body.get("to"), "to"))
+    if dst == src or dst.startswith(src + "/"):
+        raise BadRequest("a file or directory cannot be moved onto or into itself")
+    try:
+        await _backend(request).move(src, dst)
+    except FileExistsError:
+        raise Conflict("the destination exists") from None
+    key = keys.unresolve(scope, dst)
+    return web.json_response({"uri": keys.make_uri(key), "key": key})
