@@ -18,7 +18,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from backends.base import MAX_METADATA_BYTES, Backend, Info, metadata_size
+from backends.base import DIRECTORY, MAX_METADATA_BYTES, Backend, Info, Page, metadata_size
 
 from . import keys
 from .conditional import NOT_MODIFIED, evaluate, http_date, quote_etag, select_range
@@ -58,8 +58,12 @@ def _backend(request: web.Request) -> Backend:
     return request.app[BACKEND]
 
 
-def file_attributes(scope: Scope, info: Info) -> dict[str, Any]:
-    """Given a backend ``Info``, return Kestra's FileAttributes plus the key and URI."""
+def file_attributes(scope: Scope, info: Info, *, listed: bool = False) -> dict[str, Any]:
+    """Given a backend ``Info``, return Kestra's FileAttributes plus the key and URI.
+
+    Listings (``listed``) leave out ``metadata`` and ``contentType``: S3 does not list them,
+    and a HEAD per entry would make a page of 1,000 cost 1,000 requests. ``stats`` has them.
+    """
     key = "" if info.name == scope.root else keys.unresolve(scope, info.name)
     attributes: dict[str, Any] = {
         "fileName": key.rsplit("/", 1)[-1],
@@ -68,13 +72,15 @@ def file_attributes(scope: Scope, info: Info) -> dict[str, Any]:
         "size": info.size,
         "lastModifiedTime": None if info.mtime is None else int(info.mtime * 1000),
         "creationTime": None if info.ctime is None else int(info.ctime * 1000),
-        "metadata": dict(info.metadata),
     }
     if key:
         attributes["uri"] = keys.make_uri(key)
     if not info.is_dir:
         attributes["etag"] = quote_etag(info.etag)
-        attributes["contentType"] = info.content_type
+    if not listed:
+        attributes["metadata"] = dict(info.metadata)
+        if not info.is_dir:
+            attributes["contentType"] = info.content_type
     return attributes
 
 
@@ -234,7 +240,12 @@ async def get_file(request: web.Request, scope: Scope, raw_key: str | None) -> w
 
 async def stat(request: web.Request, scope: Scope, raw_key: str | None) -> web.Response:
     physical = keys.resolve_dir(scope, raw_key or "")
-    info = await _backend(request).info(physical)
+    try:
+        info = await _backend(request).info(physical)
+    except FileNotFoundError:
+        if physical != scope.root:
+            raise
+        info = Info(physical, DIRECTORY)  # a tenant's root exists before its first file
     return web.json_response(file_attributes(scope, info))
 
 
@@ -242,7 +253,8 @@ def _cursor_in(scope: Scope, value: str | None) -> str | None:
     if not value:
         return None
     try:
-        relative = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4)).decode("utf-8")
+        padded = value + "=" * (-len(value) % 4)
+        relative = base64.b64decode(padded, altchars=b"-_", validate=True).decode("utf-8")
     except (ValueError, binascii.Error):
         raise BadRequest("the cursor is not one this gateway gave") from None
     return scope.prefix + relative
@@ -287,12 +299,17 @@ async def list_dir(request: web.Request, scope: Scope, raw_key: str | None) -> w
     backend = _backend(request)
     entries: list[dict[str, Any]] = []
     while True:
-        page = await backend.list(
-            physical, recursive=recursive, limit=limit - len(entries), start_after=cursor
-        )
+        try:
+            page = await backend.list(
+                physical, recursive=recursive, limit=limit - len(entries), start_after=cursor
+            )
+        except FileNotFoundError:
+            if physical != scope.root:
+                raise
+            page = Page([], None)  # a tenant's root exists before its first file
         for info in page.entries:
             if keys.visible(scope, info.name):
-                entries.append(file_attributes(scope, info))
+                entries.append(file_attributes(scope, info, listed=True))
         cursor = page.next_cursor
         # The null tenant's root holds every tenant's folder: a recursive listing of it
         # jumps over the reserved prefixes instead of paging through other tenants' keys.

@@ -282,7 +282,7 @@ def openapi_document() -> dict[str, Any]:
                 },
                 "FileAttributes": {
                     "type": "object",
-                    "required": ["fileName", "key", "type", "size", "metadata"],
+                    "required": ["fileName", "key", "type", "size"],
                     "properties": {
                         "fileName": {"type": "string"},
                         "key": {"type": "string"},
