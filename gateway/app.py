@@ -49,7 +49,9 @@ API_PREFIX: Final = "/api/v1/"
 READY_TIMEOUT: Final = 5.0
 
 
-def _error(status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> web.Response:
+def _error(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> web.Response:
     return web.json_response({"error": code, "message": message}, status=status, headers=headers)
 
 

@@ -28,23 +28,38 @@ def main() -> None:
 
 
 @main.command()
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
-              help="YAML configuration file (a Kestra configuration file works as is).")
+@click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="YAML configuration file (a Kestra configuration file works as is).",
+)
 @click.option("--host", help="Address to listen on (server.host).")
 @click.option("--port", type=int, help="Port to listen on (server.port).")
 @click.option("--storage", "storage_type", help="Storage type: local, s3 or memory (storage.type).")
 @click.option("--base-path", help="Directory of the local backend (storage.local.base-path).")
-def serve(config_path: str | None, host: str | None, port: int | None,
-          storage_type: str | None, base_path: str | None) -> None:
+def serve(
+    config_path: str | None,
+    host: str | None,
+    port: int | None,
+    storage_type: str | None,
+    base_path: str | None,
+) -> None:
     """Serve the gateway until SIGTERM or Ctrl-C (in-flight requests finish or abort cleanly)."""
     from .app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
-        config = load(config_path, overrides={
-            "server.host": host, "server.port": port,
-            "storage.type": storage_type, "storage.local.base-path": base_path,
-        })
+        config = load(
+            config_path,
+            overrides={
+                "server.host": host,
+                "server.port": port,
+                "storage.type": storage_type,
+                "storage.local.base-path": base_path,
+            },
+        )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     _install_uvloop()
@@ -52,17 +67,24 @@ def serve(config_path: str | None, host: str | None, port: int | None,
     storage = config["storage.type"]
     where = config["storage.local.base-path"] if storage == "local" else config["storage.s3.bucket"]
     tenancy = "enabled" if config["tenants.enabled"] else "disabled"
-    click.echo(f"gateway {__version__}: storage {storage} ({where}), multi-tenancy {tenancy}",
-               err=True)
+    click.echo(
+        f"gateway {__version__}: storage {storage} ({where}), multi-tenancy {tenancy}", err=True
+    )
     try:
-        web.run_app(app, host=config["server.host"], port=config["server.port"],
-                    shutdown_timeout=config["server.shutdown-timeout"], access_log=None,
-                    print=lambda text: click.echo(text.strip(), err=True))
+        web.run_app(
+            app,
+            host=config["server.host"],
+            port=config["server.port"],
+            shutdown_timeout=config["server.shutdown-timeout"],
+            access_log=None,
+            print=lambda text: click.echo(text.strip(), err=True),
+        )
     except ValueError as exc:  # a backend refusing its configuration at start-up
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
-        raise click.ClickException(f"cannot listen on {config['server.host']}:"
-                                   f"{config['server.port']}: {exc.strerror}") from None
+        raise click.ClickException(
+            f"cannot listen on {config['server.host']}:{config['server.port']}: {exc.strerror}"
+        ) from None
 
 
 @main.command("config")

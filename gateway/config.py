@@ -67,10 +67,7 @@ def parse_size(key: str, value: object) -> int:
     if not match:
         raise _fail(key, value, "expected a size such as 1048576, 512MiB or 5GiB")
     number, unit = int(match[1]), (match[2] or "").lower()
-    if "i" in unit:
-        factor = 1024 ** "kmgt".index(unit[0]) * 1024
-    else:
-        factor = _UNITS[unit[:1]]
+    factor: int = 1024 ** ("kmgt".index(unit[0]) + 1) if "i" in unit else _UNITS[unit[:1]]
     return number * factor
 
 
@@ -258,7 +255,9 @@ def _minio_endpoint(flat: Mapping[str, Any], values: dict[str, Any]) -> None:
         return
     host = str(host)
     if "://" not in host:
-        secure = _to_bool("kestra.storage.minio.secure", flat.get("kestra.storage.minio.secure", False))
+        secure = _to_bool(
+            "kestra.storage.minio.secure", flat.get("kestra.storage.minio.secure", False)
+        )
         host = ("https://" if secure else "http://") + host
         port = flat.get("kestra.storage.minio.port")
         if port is not None:

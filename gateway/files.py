@@ -364,7 +364,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
 
 async def move(request: web.Request, scope: Scope, raw_key: str | None) -> web.Response:
     if raw_key:
-        raise BadRequest("name the keys in the body: {\"from\": ..., \"to\": ...}")
+        raise BadRequest('name the keys in the body: {"from": ..., "to": ...}')
     body = await read_json(request)
     src = keys.resolve(scope, _key_or_uri(body.get("from"), "from"))
     dst = keys.resolve(scope, _key_or_uri(body.get("to"), "to"))

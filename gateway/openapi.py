@@ -49,6 +49,7 @@ _TENANT_PARAM: Final = {
     "description": "Tenant id: 1-63 of `a-z`, `0-9`, `-`, `_`, starting with a letter or digit.",
     "schema": {"type": "string", "pattern": "^[a-z0-9][a-z0-9_-]{0,62}$"},
 }
+_BINARY: Final = {"type": "string", "format": "binary"}
 _HEADERS_OUT: Final = {
     "ETag": {"schema": {"type": "string"}},
     "Last-Modified": {"schema": {"type": "string"}},
@@ -66,11 +67,15 @@ def _object_ops() -> dict[str, Any]:
         "200": {
             "description": "The object's bytes.",
             "headers": _HEADERS_OUT,
-            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
         },
         "206": {
             "description": "The requested range.",
-            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
         },
         "304": {"description": "Not modified."},
         **_errors(400, 404, 409, 412, 416, 503),
@@ -88,7 +93,10 @@ def _object_ops() -> dict[str, Any]:
                 "200": {"description": "Headers of the object.", "headers": _HEADERS_OUT},
                 "206": {"description": "Headers of the range."},
                 "304": {"description": "Not modified."},
-                **{k: {"description": v["description"]} for k, v in _errors(400, 404, 409, 412, 416, 503).items()},
+                **{
+                    status: {"description": answer["description"]}
+                    for status, answer in _errors(400, 404, 409, 412, 416, 503).items()
+                },
             },
         },
         "put": {
@@ -107,7 +115,7 @@ def _object_ops() -> dict[str, Any]:
             "requestBody": {
                 "required": False,
                 "description": "The bytes; `Content-Type` and `X-Meta-<name>` headers are stored.",
-                "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+                "content": {"application/octet-stream": {"schema": _BINARY}},
             },
             "responses": {
                 "201": _json({"$ref": "#/components/schemas/Stored"}, "Stored."),
@@ -237,7 +245,10 @@ def openapi_document() -> dict[str, Any]:
                     operation["tags"] = ["tenant" if tenant else "null tenant"]
             paths[path] = item
     paths["/health/live"] = {
-        "get": {"summary": "The process is up.", "responses": {"200": _json({"type": "object"}, "Up.")}}
+        "get": {
+            "summary": "The process is up.",
+            "responses": {"200": _json({"type": "object"}, "Up.")},
+        }
     }
     paths["/health/ready"] = {
         "get": {

@@ -152,7 +152,9 @@ async def test_malformed_checksum_header_is_refused(client: Client) -> None:
 
 async def test_if_none_match_star_refuses_to_overwrite(client: Client) -> None:
     await put(client, "/api/v1/acme/files/k", b"first", **{"If-None-Match": "*"})
-    response = await client.put("/api/v1/acme/files/k", data=b"second", headers={"If-None-Match": "*"})
+    response = await client.put(
+        "/api/v1/acme/files/k", data=b"second", headers={"If-None-Match": "*"}
+    )
     assert response.status == 412
     assert await (await client.get("/api/v1/acme/files/k")).read() == b"first"
 
@@ -215,7 +217,9 @@ async def test_range_request(
 
 
 @pytest.mark.parametrize("range_header", ["bytes=10-", "bytes=100-200"])
-async def test_range_past_the_end_answers_416_with_the_size(client: Client, range_header: str) -> None:
+async def test_range_past_the_end_answers_416_with_the_size(
+    client: Client, range_header: str
+) -> None:
     await put(client, "/api/v1/acme/files/r", b"0123456789")
     response = await client.get("/api/v1/acme/files/r", headers={"Range": range_header})
     assert response.status == 416
@@ -359,7 +363,9 @@ async def test_list_missing_directory_returns_404(client: Client) -> None:
     assert (await client.get("/api/v1/acme/list/missing")).status == 404
 
 
-@pytest.mark.parametrize("query", ["limit=0", "limit=1001", "limit=x", "recursive=maybe", "cursor=%%%"])
+@pytest.mark.parametrize(
+    "query", ["limit=0", "limit=1001", "limit=x", "recursive=maybe", "cursor=%%%"]
+)
 async def test_bad_list_parameters_answer_400(client: Client, query: str) -> None:
     await put(client, "/api/v1/acme/files/p/x")
     assert (await client.get(f"/api/v1/acme/list/p?{query}")).status == 400

@@ -115,7 +115,7 @@ async def test_refused_key_answers_400_naming_the_rule_and_writes_nothing(
 ) -> None:
     port, base = gateway
     before = _files(base)
-    status, headers, body = await raw_request(
+    status, _, body = await raw_request(
         port, method, b"/api/v1/acme/files/" + raw, body=b"attack" if method == "PUT" else b""
     )
     assert status == 400, (number, raw, body)
@@ -133,7 +133,7 @@ async def test_raw_non_ascii_byte_on_the_request_line_is_refused_by_the_parser(
     # RFC 9112 allows only ASCII on the request line; aiohttp's parser answers 400 itself,
     # before any handler runs (so the answer is its own, not the gateway's JSON).
     port, base = gateway
-    status, _, body = await raw_request(port, "PUT", b"/api/v1/acme/files/" + raw, body=b"x")
+    status, _, _ = await raw_request(port, "PUT", b"/api/v1/acme/files/" + raw, body=b"x")
     assert status == 400
     assert _files(base) == set()
 
@@ -157,7 +157,9 @@ async def test_null_tenant_naming_a_reserved_prefix_is_refused(
     "tenant",
     [b"ACME", b"ac%6de", b"acme%2f..%2fother", b"..", b"%2e%2e", b"ac.me", b"a" * 64, b"tenants"],
 )
-async def test_tenant_id_outside_the_grammar_is_refused(gateway: tuple[int, Path], tenant: bytes) -> None:
+async def test_tenant_id_outside_the_grammar_is_refused(
+    gateway: tuple[int, Path], tenant: bytes
+) -> None:
     port, base = gateway
     status, _, body = await raw_request(port, "PUT", b"/api/v1/" + tenant + b"/files/x", body=b"x")
     assert status in (400, 404)
@@ -204,11 +206,15 @@ async def test_legacy_and_canonical_uri_reach_the_same_object(gateway: tuple[int
     assert status == 201
     assert json.loads(body)["uri"] == "kestra:///ns/flow/f.txt"
     assert (base / "tenants/acme/ns/flow/f.txt").read_bytes() == b"hello"
-    status, _, body = await raw_request(port, "GET", b"/api/v1/acme/files?uri=kestra://ns/flow/f.txt")
+    status, _, body = await raw_request(
+        port, "GET", b"/api/v1/acme/files?uri=kestra://ns/flow/f.txt"
+    )
     assert (status, body) == (200, b"hello")
 
 
-async def test_symlink_planted_in_a_tenant_folder_is_not_followed(gateway: tuple[int, Path]) -> None:
+async def test_symlink_planted_in_a_tenant_folder_is_not_followed(
+    gateway: tuple[int, Path],
+) -> None:
     """Class 8: a link inside acme's folder that points at other's folder or outside."""
     port, base = gateway
     status, _, _ = await raw_request(port, "PUT", b"/api/v1/other/files/secret.txt", body=b"SECRET")

@@ -306,7 +306,7 @@ def test_make_uri_round_trips() -> None:
 # -- property ------------------------------------------------------------------------------
 
 _ALPHABET = st.sampled_from(
-    list("abz09.-_/\\%2eEfF~ :@") + ["\x00", "\x1f", "\x7f", "\x85", "\u2025", "\uff0e", "\uff0f",
+    [*"abz09.-_/\\%2eEfF~ :@", "\x00", "\x1f", "\x7f", "\x85", "\u2025", "\uff0e", "\uff0f",
                                      "é", "☃", "\ud800", "\u202e", "\ufe68", "T", "t"]
 )  # fmt: skip
 _KEYS = st.one_of(
