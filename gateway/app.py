@@ -24,7 +24,7 @@ from .config import Config
 from .errors import GatewayError, InsufficientStorage, MethodNotAllowed, NotFound
 from .keys import Scope
 from .openapi import openapi_document
-from .state import BACKEND, CONFIG, TENANCY
+from .state import BACKEND, CONFIG, IN_FLIGHT, TENANCY, InFlight
 from .tenancy import Tenancy
 
 log = logging.getLogger("gateway")
@@ -83,6 +83,18 @@ def _from_exception(exc: BaseException) -> web.Response | None:
     if isinstance(exc, (ConnectionError, TimeoutError, OSError)):
         return _error(503, "storage_unavailable", "the storage failed; try again later")
     return None
+
+
+@web.middleware
+async def in_flight_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    tracker = request.app[IN_FLIGHT]
+    tracker.enter()
+    try:
+        return await handler(request)
+    finally:
+        tracker.leave()
 
 
 @web.middleware
@@ -180,7 +192,8 @@ def make_backend(config: Config) -> Backend:
 
 def create_app(config: Config, backend: Backend | None = None) -> web.Application:
     """Given a checked configuration (and optionally a backend), return the application."""
-    app = web.Application(middlewares=[error_middleware])
+    app = web.Application(middlewares=[in_flight_middleware, error_middleware])
+    app[IN_FLIGHT] = InFlight()
     app[CONFIG] = config
     app[BACKEND] = backend if backend is not None else make_backend(config)
     app[TENANCY] = Tenancy(config)

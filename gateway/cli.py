@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import sys
 
 import click
@@ -11,6 +12,10 @@ from aiohttp import web
 
 from . import __version__
 from .config import OPTIONS, ConfigError, env_name, load
+from .state import IN_FLIGHT
+
+# Seconds the handlers still running after the grace period get to react to cancellation.
+CANCEL_GRACE = 2.0
 
 
 def _install_uvloop() -> None:
@@ -19,6 +24,41 @@ def _install_uvloop() -> None:
     except ImportError:  # optional: the standard loop works, a little slower
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def _serve(app: web.Application, host: str, port: int, grace: float) -> None:
+    """Serve until SIGTERM or SIGINT, then let requests in flight finish for ``grace`` seconds.
+
+    Not ``web.run_app``, nor ``runner.cleanup`` alone: both stop reading request bodies as
+    soon as shutdown begins, so an upload in flight could never finish. Here the listener
+    closes first, requests in flight get ``grace`` seconds, then ``runner.cleanup`` cancels
+    what is left (an aborted upload stores nothing) and the backend is closed.
+    """
+    runner = web.AppRunner(
+        app, access_log=None, shutdown_timeout=CANCEL_GRACE, handle_signals=False
+    )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        for address in runner.addresses:
+            click.echo(f"serving on http://{_url_host(address[0])}:{address[1]}", err=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        click.echo(f"stopping: {app[IN_FLIGHT].count} request(s) in flight", err=True)
+        for site in list(runner.sites):
+            await site.stop()
+        if not await app[IN_FLIGHT].wait_idle(grace):
+            click.echo(f"stopping: aborting {app[IN_FLIGHT].count} request(s)", err=True)
+    finally:
+        await runner.cleanup()
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -71,13 +111,13 @@ def serve(
         f"gateway {__version__}: storage {storage} ({where}), multi-tenancy {tenancy}", err=True
     )
     try:
-        web.run_app(
-            app,
-            host=config["server.host"],
-            port=config["server.port"],
-            shutdown_timeout=config["server.shutdown-timeout"],
-            access_log=None,
-            print=lambda text: click.echo(text.strip(), err=True),
+        asyncio.run(
+            _serve(
+                app,
+                config["server.host"],
+                config["server.port"],
+                config["server.shutdown-timeout"],
+            )
         )
     except ValueError as exc:  # a backend refusing its configuration at start-up
         raise click.ClickException(str(exc)) from None
