@@ -49,8 +49,8 @@ async def _serve(app: web.Application, host: str, port: int, grace: float) -> No
             loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         click.echo(f"stopping: {app[IN_FLIGHT].count} request(s) in flight", err=True)
-        for site in list(runner.sites):
-            await site.stop()
+        for running in list(runner.sites):
+            await running.stop()
         if not await app[IN_FLIGHT].wait_idle(grace):
             click.echo(f"stopping: aborting {app[IN_FLIGHT].count} request(s)", err=True)
     finally:
