@@ -110,10 +110,10 @@ class Backend(ABC):
     empty_directories: ClassVar[bool] = True
     """Whether a directory outlives its last file (False on S3, where directories are prefixes)."""
 
-    async def start(self) -> None:
+    async def start(self) -> None:  # noqa: B027 (optional hook: most backends need it)
         """Open connections, check the store is usable, clean up what a crash left behind."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 (optional hook)
         """Release connections and handles."""
 
     async def ready(self) -> None:

@@ -1,0 +1,893 @@
+"""A backend over a directory of the local file system.
+
+The object at key ``tenants/acme/a/b.csv`` is the plain file ``<base>/tenants/acme/a/b.csv``;
+directories are real directories. Its content type and user metadata are one extended
+attribute (``user.gateway``, compact JSON) of the file itself, so they appear, move and vanish
+with it.
+
+Writes land in a temporary file under ``<base>/.gateway/tmp/``, are fsynced, get their
+metadata, and are renamed into place (then the directory is fsynced): a reader sees the old
+object or the whole new one. A crash leaves at most a temporary file, which ``start`` removes.
+
+Symbolic links are never followed (rule 8 of ``gateway.keys``). Every path is opened one
+segment at a time from a descriptor of the base directory with ``O_NOFOLLOW``, and every
+change is made relative to a directory descriptor, so a link planted, or swapped in midway,
+cannot lead outside the base: the operation fails with ``PermissionError(ELOOP)`` instead,
+and listings skip links altogether.
+
+Blocking calls run in worker threads, a megabyte at a time, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import secrets
+import stat
+import threading
+from bisect import bisect_right
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping
+from types import MappingProxyType
+from typing import Final
+
+from ._metadata import normalise_metadata
+from .base import (
+    DIRECTORY,
+    EMPTY_METADATA,
+    FILE,
+    SYSTEM_PREFIX,
+    Backend,
+    Info,
+    Page,
+    Reader,
+)
+
+CHUNK_SIZE: Final = 1024 * 1024
+"""Writes are buffered, and reads are cut, to this size: one thread hop per megabyte."""
+
+TMP_DIR: Final = f"{SYSTEM_PREFIX}/tmp"
+"""Key of the directory of temporary files; no operation and no listing reaches into it."""
+
+XATTR: Final = "user.gateway"
+"""The extended attribute that holds an object's content type and user metadata."""
+
+_DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: opening a FIFO someone planted must not hang a worker thread.
+_ENTRY_FLAGS: Final = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_TEMP_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_NO_XATTR: Final = frozenset({errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP})
+
+_RENAME_NOREPLACE: Final = 1  # linux/fs.h
+
+
+# -- keys and errors ---------------------------------------------------------------------------
+
+
+def _split(key: str) -> list[str]:
+    """Given a key, return its segments; raise unless it is well formed and outside ``TMP_DIR``.
+
+    The gateway never passes a malformed key; refusing one here as well means a bug there can
+    never turn ``..`` into a path outside the base.
+    """
+    segments = key.split("/")
+    if not key or "\0" in key or any(seg in ("", ".", "..") for seg in segments):
+        raise ValueError(f"invalid key {key!r}")
+    if key == TMP_DIR or key.startswith(f"{TMP_DIR}/"):
+        raise PermissionError(errno.EACCES, "reserved for the local backend", key)
+    return segments
+
+
+def _symlink_error(key: str) -> PermissionError:
+    return PermissionError(errno.ELOOP, "symbolic links are not followed", key)
+
+
+def _not_found(key: str) -> FileNotFoundError:
+    return FileNotFoundError(errno.ENOENT, "no such object or directory", key)
+
+
+def _is_symlink(dir_fd: int, name: str) -> bool:
+    """Given a directory and a name in it, return whether the name is a symbolic link."""
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
+
+
+def _open_child_dir(dir_fd: int, name: str, key: str) -> int:
+    """Given a directory and a name in it, return a descriptor of that subdirectory.
+
+    Raises ``PermissionError(ELOOP)`` for a symbolic link, ``NotADirectoryError`` for a file.
+    """
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except NotADirectoryError:
+        # Linux answers ENOTDIR, not ELOOP, to O_DIRECTORY | O_NOFOLLOW on a link.
+        if _is_symlink(dir_fd, name):
+            raise _symlink_error(key) from None
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", key) from None
+    except FileNotFoundError:
+        raise _not_found(key) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _symlink_error(key) from None
+        raise
+
+
+# -- metadata and infos ------------------------------------------------------------------------
+
+
+def _encode_xattr(content_type: str | None, metadata: Mapping[str, str]) -> bytes | None:
+    """Given what a write records, return the attribute value (``None``: nothing to record)."""
+    if content_type is None and not metadata:
+        return None
+    value = {"content_type": content_type, "metadata": dict(metadata)}
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _read_xattr(fd: int) -> tuple[str | None, Mapping[str, str]]:
+    """Given an open file, return its content type and user metadata (none if unrecorded)."""
+    try:
+        raw = os.getxattr(fd, XATTR)
+    except OSError as exc:
+        if exc.errno in _NO_XATTR:
+            return None, EMPTY_METADATA
+        raise
+    try:
+        value = json.loads(raw)
+        content_type = value.get("content_type")
+        metadata = value.get("metadata") or {}
+    except (ValueError, AttributeError):
+        # Not written by this backend: the object stays readable, without metadata.
+        return None, EMPTY_METADATA
+    if not isinstance(content_type, str):
+        content_type = None
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        metadata = {}
+    return content_type, MappingProxyType(metadata) if metadata else EMPTY_METADATA
+
+
+def _etag(st: os.stat_result) -> str:
+    """Given a file's status, return a validator that changes with each write, without hashing.
+
+    Every write renames a new inode into place, so the inode number changes (or, when the file
+    system reuses one, the modification time does).
+    """
+    return f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
+
+
+def _file_info(
+    key: str,
+    st: os.stat_result,
+    content_type: str | None = None,
+    metadata: Mapping[str, str] = EMPTY_METADATA,
+) -> Info:
+    return Info(
+        name=key,
+        type=FILE,
+        size=st.st_size,
+        mtime=st.st_mtime,
+        ctime=getattr(st, "st_birthtime", st.st_mtime),
+        etag=_etag(st),
+        content_type=content_type,
+        metadata=metadata,
+    )
+
+
+def _dir_info(key: str, st: os.stat_result) -> Info:
+    return Info(name=key, type=DIRECTORY, mtime=st.st_mtime, ctime=st.st_mtime)
+
+
+# -- renames that never replace ----------------------------------------------------------------
+
+
+def _load_renameat2() -> Callable[..., int] | None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.renameat2
+    except (OSError, AttributeError):
+        return None
+    path, fd = ctypes.c_char_p, ctypes.c_int
+    function.argtypes = [fd, path, fd, path, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    return function
+
+
+_renameat2: Final = _load_renameat2()
+
+
+def _rename_noreplace(
+    src_dir_fd: int, src: str, dst_dir_fd: int, dst: str, key: str, is_dir: bool
+) -> None:
+    """Given two (directory, name) pairs, rename the first to the second unless it exists.
+
+    Race-free through ``renameat2(RENAME_NOREPLACE)``; where the file system or the C library
+    lacks it, a file is linked then unlinked (also race-free) and a directory is checked then
+    renamed (a narrow race, on such file systems only).
+
+    Raises
+    ------
+    FileExistsError
+        Something is at the destination.
+    """
+    if _renameat2 is not None:
+        flags = _RENAME_NOREPLACE
+        result = _renameat2(src_dir_fd, os.fsencode(src), dst_dir_fd, os.fsencode(dst), flags)
+        if result == 0:
+            return
+        code = ctypes.get_errno()
+        if code not in (errno.EINVAL, errno.ENOSYS):
+            raise OSError(code, os.strerror(code), key)
+    if not is_dir:
+        os.link(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd, follow_symlinks=False)
+        os.unlink(src, dir_fd=src_dir_fd)
+        return
+    try:
+        os.stat(dst, dir_fd=dst_dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        os.rename(src, dst, src_dir_fd=src_dir_fd, dst_dir_fd=dst_dir_fd)
+        return
+    raise FileExistsError(errno.EEXIST, "destination exists", key)
+
+
+# -- reading -----------------------------------------------------------------------------------
+
+
+class LocalReader(Reader):
+    """An open file: ``info`` comes from ``fstat`` of the same descriptor the bytes come from,
+    so both are of one version even if a write renames a new file over the key meanwhile."""
+
+    def __init__(self, fd: int, info: Info) -> None:
+        self.fd = fd
+        """The open descriptor (for ``sendfile``); valid until ``close``."""
+        self.info = info
+        # A read in a worker thread may outlive a cancelled task: the lock keeps close() from
+        # releasing the descriptor under it.
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _pread(self, size: int, offset: int) -> bytes:
+        with self._lock:
+            if self._closed:
+                raise ValueError("read from a closed reader")
+            return os.pread(self.fd, size, offset)
+
+    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        stop = self.info.size if end is None else end
+        offset = start
+        while offset < stop:
+            data = await asyncio.to_thread(self._pread, min(CHUNK_SIZE, stop - offset), offset)
+            if not data:
+                raise OSError(errno.EIO, "the file is shorter than its size", self.info.name)
+            offset += len(data)
+            yield data
+
+    def _close_locked(self) -> None:
+        if not self._closed:
+            self._closed = True
+            os.close(self.fd)
+
+    def _close(self) -> None:
+        with self._lock:
+            self._close_locked()
+
+    async def close(self) -> None:
+        if self._lock.acquire(blocking=False):
+            try:
+                self._close_locked()
+            finally:
+                self._lock.release()
+        else:
+            await asyncio.to_thread(self._close)
+
+    def __del__(self) -> None:
+        # A reader dropped without close() must not leak its descriptor.
+        if not getattr(self, "_closed", True):
+            self._close()
+
+
+# -- writing -----------------------------------------------------------------------------------
+
+
+class _TempFile:
+    """A temporary file under ``TMP_DIR`` that becomes an object or disappears.
+
+    ``discard`` may run at any moment (the writing task was cancelled, the upload failed): it
+    waits for a write already running in a worker thread, then closes and removes the file.
+    """
+
+    def __init__(self, dir_fd: int, name: str, fd: int) -> None:
+        self._dir_fd = dir_fd
+        self._name = name
+        self._fd = fd
+        self._lock = threading.Lock()
+        self._finished = False  # installed or discarded: no more calls
+
+    def _check(self) -> None:
+        if self._finished:
+            raise ValueError("temporary file already installed or discarded")
+
+    def append(self, data: bytes | bytearray | memoryview) -> None:
+        with self._lock:
+            self._check()
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+
+    def seal(self, xattr: bytes | None) -> None:
+        """Record the metadata and make the content durable, before the file gets its name."""
+        with self._lock:
+            self._check()
+            if xattr is not None:
+                os.setxattr(self._fd, XATTR, xattr)
+            os.fsync(self._fd)
+
+    def install(self, parent_fd: int, name: str, key: str, exclusive: bool) -> os.stat_result:
+        """Give the file the name ``name`` in ``parent_fd``; return its status."""
+        with self._lock:
+            self._check()
+            if exclusive:
+                _rename_noreplace(self._dir_fd, self._name, parent_fd, name, key, is_dir=False)
+            else:
+                os.rename(self._name, name, src_dir_fd=self._dir_fd, dst_dir_fd=parent_fd)
+            self._finished = True
+            try:
+                st = os.fstat(self._fd)
+                os.fsync(parent_fd)
+            finally:
+                os.close(self._fd)
+                os.close(self._dir_fd)
+            return st
+
+    def discard(self) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            self._finished = True
+            try:
+                os.close(self._fd)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._name, dir_fd=self._dir_fd)
+            finally:
+                os.close(self._dir_fd)
+
+
+def _discard_when_opened(opening: asyncio.Future[_TempFile]) -> None:
+    if not opening.cancelled() and opening.exception() is None:
+        opening.result().discard()
+
+
+# -- the backend -------------------------------------------------------------------------------
+
+
+class LocalBackend(Backend):
+    """Objects as plain files under ``base_path``, metadata in an extended attribute."""
+
+    protocol = "local"
+    empty_directories = True
+
+    def __init__(self, base_path: str | os.PathLike[str]) -> None:
+        self.base_path = os.fspath(base_path)
+
+    # Every method below named ``_x`` runs in a worker thread and closes what it opens.
+
+    def _open_base(self) -> int:
+        return os.open(self.base_path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+    def _open_dir(self, segments: list[str], key: str, *, create: bool = False) -> int:
+        """Given directory segments below the base, return a descriptor of that directory.
+
+        With ``create``, missing directories are made (and their creation made durable).
+        Raises ``NotADirectoryError`` if a segment is a file, ``PermissionError`` at a link.
+        """
+        fd = self._open_base()
+        try:
+            for segment in segments:
+                if create:
+                    try:
+                        os.mkdir(segment, 0o777, dir_fd=fd)
+                    except FileExistsError:
+                        pass
+                    else:
+                        os.fsync(fd)
+                child = _open_child_dir(fd, segment, key)
+                fd, parent = child, fd
+                os.close(parent)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _lookup_dir(self, segments: list[str], key: str) -> int:
+        """As ``_open_dir``, for a lookup: a file where a directory should be means "not found"."""
+        try:
+            return self._open_dir(segments, key)
+        except NotADirectoryError:
+            raise _not_found(key) from None
+
+    def _open_entry(self, key: str) -> tuple[int, os.stat_result]:
+        """Given a key, return a descriptor of the file or directory there and its status."""
+        segments = _split(key)
+        parent = self._lookup_dir(segments[:-1], key)
+        try:
+            fd = os.open(segments[-1], _ENTRY_FLAGS, dir_fd=parent)
+        except FileNotFoundError:
+            raise _not_found(key) from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _symlink_error(key) from None
+            if exc.errno == errno.ENXIO:  # a socket: not an object
+                raise _not_found(key) from None
+            raise
+        finally:
+            os.close(parent)
+        try:
+            st = os.fstat(fd)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                raise _not_found(key)  # FIFOs and devices are not objects
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, st
+
+    # -- start -------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self._start)
+
+    def _start(self) -> None:
+        try:
+            os.makedirs(self.base_path, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise ValueError(
+                f"storage.local.base-path: {self.base_path!r} is not a directory"
+            ) from None
+        tmp = self._open_dir(TMP_DIR.split("/"), TMP_DIR, create=True)
+        try:
+            # Whatever is here was being written when a previous process died.
+            with os.scandir(tmp) as entries:
+                leftovers = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+            for name, is_dir in leftovers:
+                if is_dir:
+                    child = _open_child_dir(tmp, name, TMP_DIR)
+                    try:
+                        _remove_tree(child, f"{TMP_DIR}/{name}/")
+                    finally:
+                        os.close(child)
+                    os.rmdir(name, dir_fd=tmp)
+                else:
+                    os.unlink(name, dir_fd=tmp)
+            self._probe_xattr(tmp)
+        finally:
+            os.close(tmp)
+
+    def _probe_xattr(self, tmp: int) -> None:
+        name = f"probe-{secrets.token_hex(8)}.tmp"
+        fd = os.open(name, _TEMP_FLAGS, 0o600, dir_fd=tmp)
+        try:
+            os.setxattr(fd, XATTR, b"{}")
+        except OSError as exc:
+            if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise ValueError(
+                    f"storage.local.base-path: the file system at {self.base_path!r} does not "
+                    "support extended attributes (user.*), which the local backend needs for "
+                    "object metadata"
+                ) from exc
+            raise
+        finally:
+            os.close(fd)
+            os.unlink(name, dir_fd=tmp)
+
+    # -- reads -------------------------------------------------------------------------------
+
+    async def info(self, key: str) -> Info:
+        return await asyncio.to_thread(self._info, key)
+
+    def _info(self, key: str) -> Info:
+        if key == "":
+            fd = self._open_base()
+            try:
+                return _dir_info("", os.fstat(fd))
+            finally:
+                os.close(fd)
+        fd, st = self._open_entry(key)
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                return _dir_info(key, st)
+            return _file_info(key, st, *_read_xattr(fd))
+        finally:
+            os.close(fd)
+
+    async def open_read(self, key: str) -> LocalReader:
+        return await asyncio.to_thread(self._open_read, key)
+
+    def _open_read(self, key: str) -> LocalReader:
+        fd, st = self._open_entry(key)
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, "is a directory", key)
+            info = _file_info(key, st, *_read_xattr(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        return LocalReader(fd, info)
+
+    # -- writes ------------------------------------------------------------------------------
+
+    async def write(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        content_type: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        exclusive: bool = False,
+    ) -> Info:
+        segments = _split(key)
+        metadata = normalise_metadata(metadata)
+        xattr = _encode_xattr(content_type, metadata)
+        loop = asyncio.get_running_loop()
+        opening = loop.run_in_executor(None, self._begin_write, segments, key, exclusive)
+        try:
+            temp = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # The thread still opens the temporary file: discard it once it has.
+            opening.add_done_callback(_discard_when_opened)
+            raise
+        try:
+            buffer = bytearray()
+            async for chunk in chunks:
+                if not buffer and len(chunk) >= CHUNK_SIZE:
+                    await asyncio.to_thread(temp.append, chunk)
+                    continue
+                buffer += chunk
+                if len(buffer) >= CHUNK_SIZE:
+                    data, buffer = buffer, bytearray()
+                    await asyncio.to_thread(temp.append, data)
+            st = await asyncio.to_thread(
+                self._end_write, temp, buffer, xattr, segments, key, exclusive
+            )
+        except BaseException:
+            # Also on cancellation: discard() waits for a write still running in its thread.
+            await asyncio.to_thread(temp.discard)
+            raise
+        return _file_info(key, st, content_type, metadata)
+
+    def _begin_write(self, segments: list[str], key: str, exclusive: bool) -> _TempFile:
+        """Refuse a write that cannot land before its body is read; open its temporary file."""
+        self._check_writable(segments, key, exclusive)
+        tmp = self._open_dir(TMP_DIR.split("/"), TMP_DIR)
+        try:
+            name = f"{secrets.token_hex(16)}.tmp"
+            fd = os.open(name, _TEMP_FLAGS, 0o666, dir_fd=tmp)
+        except BaseException:
+            os.close(tmp)
+            raise
+        return _TempFile(tmp, name, fd)
+
+    def _check_writable(self, segments: list[str], key: str, exclusive: bool) -> None:
+        fd = self._open_base()
+        try:
+            for segment in segments[:-1]:
+                try:
+                    child = _open_child_dir(fd, segment, key)
+                except FileNotFoundError:
+                    return  # the write will create the rest
+                fd, parent = child, fd
+                os.close(parent)
+            try:
+                st = os.stat(segments[-1], dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return
+            if stat.S_ISLNK(st.st_mode):
+                raise _symlink_error(key)
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, "is a directory", key)
+            if exclusive:
+                raise FileExistsError(errno.EEXIST, "object exists", key)
+        finally:
+            os.close(fd)
+
+    def _end_write(
+        self,
+        temp: _TempFile,
+        rest: bytearray,
+        xattr: bytes | None,
+        segments: list[str],
+        key: str,
+        exclusive: bool,
+    ) -> os.stat_result:
+        if rest:
+            temp.append(rest)
+        temp.seal(xattr)
+        parent = self._open_dir(segments[:-1], key, create=True)
+        try:
+            return temp.install(parent, segments[-1], key, exclusive)
+        finally:
+            os.close(parent)
+
+    # -- listings ----------------------------------------------------------------------------
+
+    async def list(
+        self,
+        key: str,
+        *,
+        recursive: bool = False,
+        limit: int = 1000,
+        start_after: str | None = None,
+    ) -> Page:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        return await asyncio.to_thread(self._list, key, recursive, limit, start_after)
+
+    def _list(self, key: str, recursive: bool, limit: int, start_after: str | None) -> Page:
+        if key == "":
+            fd = self._open_base()
+        else:
+            segments = _split(key)
+            parent = self._lookup_dir(segments[:-1], key)
+            try:
+                fd = _open_child_dir(parent, segments[-1], key)
+            finally:
+                os.close(parent)
+        prefix = f"{key}/" if key else ""
+        if recursive:
+            return _walk_files(fd, prefix, limit, start_after)  # closes fd
+        try:
+            return _list_children(fd, prefix, limit, start_after)
+        finally:
+            os.close(fd)
+
+    # -- deletes, moves, directories ---------------------------------------------------------
+
+    async def delete(self, key: str) -> None:
+        await asyncio.to_thread(self._delete, key)
+
+    def _delete(self, key: str) -> None:
+        segments = _split(key)
+        parent = self._lookup_dir(segments[:-1], key)
+        try:
+            try:
+                st = os.stat(segments[-1], dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                raise _not_found(key) from None
+            if stat.S_ISLNK(st.st_mode):
+                raise _symlink_error(key)
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, "is a directory", key)
+            if not stat.S_ISREG(st.st_mode):
+                raise _not_found(key)
+            try:
+                os.unlink(segments[-1], dir_fd=parent)  # EISDIR if a directory took its place
+            except FileNotFoundError:
+                raise _not_found(key) from None
+            os.fsync(parent)
+        finally:
+            os.close(parent)
+
+    async def delete_prefix(self, key: str) -> int:
+        return await asyncio.to_thread(self._delete_prefix, key)
+
+    def _delete_prefix(self, key: str) -> int:
+        segments = _split(key)
+        parent = self._lookup_dir(segments[:-1], key)
+        try:
+            fd = _open_child_dir(parent, segments[-1], key)
+            try:
+                count = _remove_tree(fd, f"{key}/")
+            finally:
+                os.close(fd)
+            if not TMP_DIR.startswith(f"{key}/"):  # the temporary directory stays
+                try:
+                    os.rmdir(segments[-1], dir_fd=parent)
+                except OSError as exc:
+                    # A concurrent write put a new object there: it stays, with its directory.
+                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                        raise
+            os.fsync(parent)
+        finally:
+            os.close(parent)
+        return count
+
+    async def move(self, src: str, dst: str) -> None:
+        await asyncio.to_thread(self._move, src, dst)
+
+    def _move(self, src: str, dst: str) -> None:
+        src_segments = _split(src)
+        dst_segments = _split(dst)
+        if TMP_DIR.startswith(f"{src}/"):
+            raise PermissionError(errno.EACCES, "holds the local backend's directory", src)
+        src_parent = self._lookup_dir(src_segments[:-1], src)
+        try:
+            try:
+                st = os.stat(src_segments[-1], dir_fd=src_parent, follow_symlinks=False)
+            except FileNotFoundError:
+                raise _not_found(src) from None
+            if stat.S_ISLNK(st.st_mode):
+                raise _symlink_error(src)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                raise _not_found(src)
+            if dst.startswith(f"{src}/"):
+                raise OSError(errno.EINVAL, "cannot move a directory into itself", dst)
+            dst_parent = self._open_dir(dst_segments[:-1], dst, create=True)
+            try:
+                _rename_noreplace(
+                    src_parent,
+                    src_segments[-1],
+                    dst_parent,
+                    dst_segments[-1],
+                    dst,
+                    is_dir=stat.S_ISDIR(st.st_mode),
+                )
+                os.fsync(dst_parent)
+                os.fsync(src_parent)
+            finally:
+                os.close(dst_parent)
+        finally:
+            os.close(src_parent)
+
+    async def mkdir(self, key: str) -> None:
+        await asyncio.to_thread(self._mkdir, key)
+
+    def _mkdir(self, key: str) -> None:
+        segments = _split(key)
+        parent = self._open_dir(segments[:-1], key, create=True)
+        try:
+            try:
+                os.mkdir(segments[-1], 0o777, dir_fd=parent)
+            except FileExistsError:
+                st = os.stat(segments[-1], dir_fd=parent, follow_symlinks=False)
+                if stat.S_ISLNK(st.st_mode):
+                    raise _symlink_error(key) from None
+                if not stat.S_ISDIR(st.st_mode):
+                    raise FileExistsError(errno.EEXIST, "a file is there", key) from None
+                return
+            os.fsync(parent)
+        finally:
+            os.close(parent)
+
+
+# -- directory scans (in worker threads) -------------------------------------------------------
+
+
+def _children(fd: int, prefix: str) -> list[tuple[str, str, bool]]:
+    """Given an open directory whose key is ``prefix``, return ``(sort key, name, is_dir)`` of
+    its files and subdirectories, sorted; links, special files and ``TMP_DIR`` are left out."""
+    found = []
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            try:
+                is_dir = entry.is_dir(follow_symlinks=False)
+                if not is_dir and not entry.is_file(follow_symlinks=False):
+                    continue
+            except OSError:
+                continue  # removed while we looked
+            name = entry.name
+            try:
+                name.encode()
+            except UnicodeEncodeError:
+                continue  # not UTF-8 on disk: no key can name it
+            full = prefix + name
+            if full == TMP_DIR:
+                continue
+            found.append((f"{full}/" if is_dir else full, name, is_dir))
+    found.sort()
+    return found
+
+
+def _list_children(fd: int, prefix: str, limit: int, start_after: str | None) -> Page:
+    children = _children(fd, prefix)
+    first = 0 if start_after is None else bisect_right([c[0] for c in children], start_after)
+    entries: list[Info] = []
+    last = None
+    for sort_key, name, is_dir in children[first:]:
+        if len(entries) == limit:
+            return Page(entries=entries, next_cursor=last)
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if is_dir and stat.S_ISDIR(st.st_mode):
+            entries.append(_dir_info(prefix + name, st))
+        elif not is_dir and stat.S_ISREG(st.st_mode):
+            entries.append(_file_info(prefix + name, st))
+        else:
+            continue
+        last = sort_key
+    return Page(entries=entries, next_cursor=None)
+
+
+def _walk_files(fd: int, prefix: str, limit: int, start_after: str | None) -> Page:
+    """Given an open directory (closed on return), return a page of the files below it, in
+    code-point order of their keys, by a depth-first walk over sorted children that skips every
+    subtree wholly at or before ``start_after`` and stops after one entry past ``limit``."""
+    stack: list[tuple[int, Iterator[tuple[str, str, bool]]]] = []
+    entries: list[Info] = []
+    try:
+        try:
+            stack.append((fd, iter(_children(fd, prefix))))
+        except BaseException:
+            os.close(fd)
+            raise
+        while stack:
+            top, children = stack[-1]
+            child = next(children, None)
+            if child is None:
+                os.close(stack.pop()[0])
+                continue
+            sort_key, name, is_dir = child
+            if is_dir:
+                if (
+                    start_after is not None
+                    and start_after >= sort_key
+                    and not start_after.startswith(sort_key)
+                ):
+                    continue  # every key below sorts before start_after
+                try:
+                    sub = _open_child_dir(top, name, sort_key)
+                except (FileNotFoundError, NotADirectoryError, PermissionError):
+                    continue  # removed or replaced since the scan
+                try:
+                    stack.append((sub, iter(_children(sub, sort_key))))
+                except BaseException:
+                    os.close(sub)
+                    raise
+                continue
+            if start_after is not None and sort_key <= start_after:
+                continue
+            try:
+                st = os.stat(name, dir_fd=top, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            if len(entries) == limit:
+                return Page(entries=entries, next_cursor=entries[-1].name)
+            entries.append(_file_info(sort_key, st))
+        return Page(entries=entries, next_cursor=None)
+    finally:
+        for open_fd, _ in stack:
+            os.close(open_fd)
+
+
+def _remove_tree(fd: int, prefix: str) -> int:
+    """Given an open directory whose key is ``prefix``, remove everything in it, links as links
+    (never what they point to); return the regular files removed."""
+    count = 0
+    with os.scandir(fd) as scan:
+        entries = [
+            (e.name, e.is_dir(follow_symlinks=False), e.is_file(follow_symlinks=False))
+            for e in scan
+        ]
+    for name, is_dir, is_file in entries:
+        if prefix + name == TMP_DIR:
+            continue
+        if is_dir:
+            try:
+                sub = _open_child_dir(fd, name, prefix + name)
+            except FileNotFoundError:
+                continue
+            except (NotADirectoryError, PermissionError):
+                pass  # replaced by a file or a link since the scan: unlink that below
+            else:
+                try:
+                    count += _remove_tree(sub, f"{prefix}{name}/")
+                finally:
+                    os.close(sub)
+                try:
+                    os.rmdir(name, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOENT):
+                        raise
+                continue
+        try:
+            os.unlink(name, dir_fd=fd)
+        except (FileNotFoundError, IsADirectoryError):
+            continue  # gone, or a directory took its place: left for its writer
+        count += is_file
+    return count

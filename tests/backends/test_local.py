@@ -1,0 +1,577 @@
+"""What only the local backend does: files on disk, extended attributes, temporary files,
+symbolic links (never followed), descriptors, a full disk."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+import backends.local as local_module
+from backends.base import SYSTEM_PREFIX
+from backends.local import TMP_DIR, XATTR, LocalBackend
+from tests.backends.helpers import UploadFailed, body, failing_body, get, names, put
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[LocalBackend]:
+    backend = LocalBackend(tmp_path / "store")
+    await backend.start()
+    try:
+        yield backend
+    finally:
+        await backend.close()
+
+
+def base(store: LocalBackend) -> Path:
+    return Path(store.base_path)
+
+
+def temp_files(store: LocalBackend) -> list[str]:
+    return os.listdir(base(store) / TMP_DIR)
+
+
+# -- layout on disk ----------------------------------------------------------------------------
+
+
+async def test_objects_are_plain_files_under_the_base_path(store: LocalBackend) -> None:
+    await put(store, "tenants/acme/a/b.csv", b"x,y\n1,2\n")
+    path = base(store) / "tenants/acme/a/b.csv"
+    assert path.is_file()
+    assert path.read_bytes() == b"x,y\n1,2\n"
+    assert os.listdir(path.parent) == ["b.csv"]  # nothing beside it: metadata is in the file
+
+
+async def test_metadata_is_one_extended_attribute_of_the_file(store: LocalBackend) -> None:
+    await put(store, "t/f.json", b"{}", content_type="application/json", metadata={"k": "vé ☃"})
+    raw = os.getxattr(base(store) / "t/f.json", XATTR)
+    assert json.loads(raw) == {"content_type": "application/json", "metadata": {"k": "vé ☃"}}
+    assert b" " not in raw.replace("vé ☃".encode(), b"")  # compact
+
+
+async def test_file_without_attribute_has_no_content_type_or_metadata(
+    store: LocalBackend,
+) -> None:
+    (base(store) / "placed").mkdir()
+    (base(store) / "placed/by-hand.txt").write_bytes(b"hand")
+    (base(store) / "placed/garbage.txt").write_bytes(b"junk")
+    os.setxattr(base(store) / "placed/garbage.txt", XATTR, b"not json")
+    for key in ("placed/by-hand.txt", "placed/garbage.txt"):
+        info = await store.info(key)
+        assert info.content_type is None
+        assert dict(info.metadata) == {}
+    assert await get(store, "placed/by-hand.txt") == b"hand"
+
+
+async def test_etag_comes_from_inode_mtime_and_size(store: LocalBackend) -> None:
+    info = await put(store, "e/file", b"12345")
+    st = os.stat(base(store) / "e/file")
+    assert info.etag == f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
+    assert info.mtime == st.st_mtime
+
+
+async def test_reader_exposes_its_open_descriptor(store: LocalBackend) -> None:
+    await put(store, "r/file", b"content")
+    reader = await store.open_read("r/file")
+    try:
+        assert os.fstat(reader.fd).st_ino == os.stat(base(store) / "r/file").st_ino
+        assert os.pread(reader.fd, 7, 0) == b"content"
+    finally:
+        await reader.close()
+
+
+async def test_reader_keeps_its_file_when_the_path_becomes_a_link(store: LocalBackend) -> None:
+    await put(store, "r/file", b"original")
+    await put(store, "other/file", b"other")
+    async with await store.open_read("r/file") as reader:
+        os.unlink(base(store) / "r/file")
+        os.symlink(base(store) / "other/file", base(store) / "r/file")
+        assert b"".join([c async for c in reader.chunks()]) == b"original"
+
+
+# -- temporary files ---------------------------------------------------------------------------
+
+
+async def test_start_removes_leftover_temporary_files(tmp_path: Path) -> None:
+    tmp = tmp_path / "store" / TMP_DIR
+    (tmp / "crashed-dir").mkdir(parents=True)
+    (tmp / "crashed.tmp").write_bytes(b"half an upload")
+    (tmp / "crashed-dir/inner.tmp").write_bytes(b"more")
+    (tmp_path / "store/kept.txt").write_bytes(b"an object")
+    backend = LocalBackend(tmp_path / "store")
+    await backend.start()
+    assert os.listdir(tmp) == []
+    assert await get(backend, "kept.txt") == b"an object"
+
+
+async def test_start_creates_the_base_path(tmp_path: Path) -> None:
+    backend = LocalBackend(tmp_path / "new" / "store")
+    await backend.start()
+    assert (tmp_path / "new/store" / TMP_DIR).is_dir()
+    assert (await backend.info("")).is_dir
+
+
+async def test_start_refuses_a_base_path_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"storage\.local\.base-path"):
+        await LocalBackend(tmp_path / "file").start()
+
+
+async def test_start_refuses_a_file_system_without_extended_attributes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unsupported(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+
+    monkeypatch.setattr(os, "setxattr", unsupported)
+    with pytest.raises(ValueError, match=r"storage\.local\.base-path: .*extended attributes") as e:
+        await LocalBackend(tmp_path / "store").start()
+    assert str(tmp_path / "store") in str(e.value)
+    assert os.listdir(tmp_path / "store" / TMP_DIR) == []  # the probe file is gone
+
+
+async def test_failed_write_leaves_no_temporary_file(store: LocalBackend) -> None:
+    await put(store, "f/file", b"old")
+    with pytest.raises(UploadFailed):
+        await store.write("f/file", failing_body(b"x" * (3 * MiB)))
+    with pytest.raises(UploadFailed):
+        await store.write("f/new", failing_body(b"y"))
+    assert temp_files(store) == []
+    assert await get(store, "f/file") == b"old"
+    assert os.listdir(base(store) / "f") == ["file"]
+
+
+async def test_cancelled_write_leaves_no_temporary_file_and_keeps_old(
+    store: LocalBackend,
+) -> None:
+    await put(store, "c/file", b"old")
+    started = asyncio.Event()
+
+    async def stalled() -> AsyncIterator[bytes]:
+        yield b"z" * (2 * MiB)
+        started.set()
+        await asyncio.Event().wait()  # the client stops sending
+        yield b"never"
+
+    task = asyncio.create_task(store.write("c/file", stalled()))
+    await started.wait()
+    assert len(temp_files(store)) == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert temp_files(store) == []
+    assert await get(store, "c/file") == b"old"
+
+
+async def test_write_cancelled_while_opening_its_temporary_file_leaves_none(
+    store: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    entered, release, opened = threading.Event(), threading.Event(), threading.Event()
+    real_begin = store._begin_write
+
+    def slow_begin(*args: Any) -> Any:
+        entered.set()
+        release.wait(5)
+        try:
+            return real_begin(*args)
+        finally:
+            opened.set()
+
+    monkeypatch.setattr(store, "_begin_write", slow_begin)
+    fds = psutil.Process().num_fds()
+    task = asyncio.create_task(store.write("c/file", body(b"data")))
+    await asyncio.to_thread(entered.wait, 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()
+    await asyncio.to_thread(opened.wait, 5)
+    for _ in range(200):  # the thread has opened the file: it is discarded soon after
+        if not temp_files(store) and psutil.Process().num_fds() == fds:
+            break
+        await asyncio.sleep(0.01)
+    assert temp_files(store) == []
+    assert psutil.Process().num_fds() == fds
+    assert not await store.exists("c/file")
+
+
+async def test_temporary_files_never_show_in_listings(store: LocalBackend) -> None:
+    await put(store, "a/kept", b"k")
+    await put(store, f"{SYSTEM_PREFIX}/system.json", b"{}")
+    release = asyncio.Event()
+
+    async def paused() -> AsyncIterator[bytes]:
+        yield b"p" * 10
+        await release.wait()
+
+    task = asyncio.create_task(store.write("a/pending", paused()))
+    while not temp_files(store):
+        await asyncio.sleep(0.01)
+    try:
+        assert await names(store, "", recursive=True) == [".gateway/system.json", "a/kept"]
+        assert await names(store, ".gateway") == [".gateway/system.json"]
+        assert await names(store, ".gateway", recursive=True) == [".gateway/system.json"]
+    finally:
+        release.set()
+        await task
+    assert await get(store, "a/pending") == b"p" * 10
+
+
+async def test_keys_inside_the_temporary_directory_are_refused(store: LocalBackend) -> None:
+    (base(store) / TMP_DIR / "someone.tmp").write_bytes(b"")
+    with pytest.raises(PermissionError):
+        await store.info(f"{TMP_DIR}/someone.tmp")
+    with pytest.raises(PermissionError):
+        await store.list(TMP_DIR)
+    with pytest.raises(PermissionError):
+        await put(store, f"{TMP_DIR}/mine.tmp")
+    with pytest.raises(PermissionError):
+        await store.delete(f"{TMP_DIR}/someone.tmp")
+    with pytest.raises(PermissionError):
+        await store.move(SYSTEM_PREFIX, "elsewhere")
+    assert temp_files(store) == ["someone.tmp"]
+
+
+async def test_delete_prefix_of_the_system_prefix_keeps_the_temporary_directory(
+    store: LocalBackend,
+) -> None:
+    await put(store, ".gateway/iam/users.json", b"[]")
+    assert await store.delete_prefix(".gateway") == 1
+    assert (base(store) / TMP_DIR).is_dir()
+    await put(store, "still/works", b"ok")
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["../escape.txt", "a/../../escape.txt", "a//b", "/escape.txt", "a/./b", "a/", "a\0b", ""],
+)
+async def test_malformed_keys_are_refused_and_touch_nothing(
+    store: LocalBackend, tmp_path: Path, key: str
+) -> None:
+    with pytest.raises(ValueError):
+        await put(store, key, b"escaped")
+    with pytest.raises(ValueError):
+        await store.mkdir(key)
+    if key:
+        with pytest.raises(ValueError):
+            await store.info(key)
+    assert not (tmp_path / "escape.txt").exists()
+    assert sorted(os.listdir(base(store))) == [".gateway"]
+
+
+async def test_small_chunks_are_buffered_into_few_disk_writes(
+    store: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real_write = os.write
+
+    def counting_write(fd: int, data: bytes) -> int:
+        calls.append(len(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", counting_write)
+    chunk = bytes(range(256)) * 16  # 4 KiB
+    await store.write("b/buffered", body(*[chunk] * 1024))  # 4 MiB
+    monkeypatch.undo()
+    assert sum(calls) == 4 * MiB
+    assert len(calls) <= 5
+    assert await get(store, "b/buffered") == chunk * 1024
+
+
+async def test_readers_see_whole_versions_during_overwrites(store: LocalBackend) -> None:
+    size = 3 * MiB // 2  # more than one read piece
+    await put(store, "v/hot", b"\0" * size)
+    done = False
+
+    async def overwrite() -> None:
+        for version in range(1, 12):
+            await store.write(
+                "v/hot", body(bytes([version]) * (size // 2), bytes([version]) * (size - size // 2))
+            )
+            await asyncio.sleep(0)
+
+    async def read() -> set[int]:
+        seen = set()
+        while not done:
+            data = await get(store, "v/hot")
+            assert len(data) == size
+            assert data == data[:1] * size, "a reader saw parts of two versions"
+            seen.add(data[0])
+        return seen
+
+    readers = [asyncio.create_task(read()) for _ in range(3)]
+    await overwrite()
+    done = True
+    seen = set().union(*await asyncio.gather(*readers))
+    assert seen  # the readers did read
+    assert await get(store, "v/hot") == bytes([11]) * size
+
+
+async def test_move_without_renameat2_still_refuses_an_existing_destination(
+    store: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(local_module, "_renameat2", None)
+    await put(store, "m/a", b"a")
+    await put(store, "m/b", b"b")
+    await put(store, "m/dir/x", b"x")
+    await store.mkdir("m/empty")
+    with pytest.raises(FileExistsError):
+        await store.move("m/a", "m/b")
+    with pytest.raises(FileExistsError):
+        await store.move("m/dir", "m/empty")
+    with pytest.raises(FileExistsError):
+        await put(store, "m/a", b"again", exclusive=True)
+    await store.move("m/a", "m/c")
+    await store.move("m/dir", "m/dir2")
+    assert await names(store, "m", recursive=True) == ["m/b", "m/c", "m/dir2/x"]
+    assert await get(store, "m/c") == b"a"
+
+
+# -- symbolic links are never followed ---------------------------------------------------------
+
+
+class Planted:
+    """A store with links planted in ``tenants/a`` that point at ``tenants/b``, at files
+    outside the base, and at ``/``; ``unchanged()`` says whether every target is intact."""
+
+    def __init__(self, store: LocalBackend, outside: Path) -> None:
+        self.store = store
+        self.root = base(store)
+        self.outside = outside
+
+    async def plant(self) -> None:
+        await put(self.store, "tenants/a/own.txt", b"a's own")
+        await put(self.store, "tenants/b/secret.txt", b"b's secret")
+        self.outside.mkdir()
+        (self.outside / "target.txt").write_bytes(b"outside")
+        a = self.root / "tenants/a"
+        os.symlink(self.root / "tenants/b", a / "evil")  # absolute, to another tenant
+        os.symlink("../b", a / "rel")  # relative, to another tenant
+        os.symlink("/", a / "root")
+        os.symlink("/etc/passwd", a / "passwd")
+        os.symlink(self.outside / "target.txt", a / "outside")  # a file outside the base
+        os.symlink(self.outside, a / "outdir")  # a directory outside the base
+        self._before = self._state()
+
+    def _state(self) -> tuple[object, ...]:
+        passwd = os.stat("/etc/passwd")
+        return (
+            sorted(os.listdir(self.root / "tenants/b")),
+            (self.root / "tenants/b/secret.txt").read_bytes(),
+            sorted(os.listdir(self.outside)),
+            (self.outside / "target.txt").read_bytes(),
+            (passwd.st_size, passwd.st_mtime_ns),
+            hashlib.sha256(Path("/etc/passwd").read_bytes()).hexdigest(),
+        )
+
+    def unchanged(self) -> bool:
+        return self._state() == self._before
+
+
+@pytest.fixture
+async def planted(store: LocalBackend, tmp_path: Path) -> Planted:
+    planted = Planted(store, tmp_path / "outside")
+    await planted.plant()
+    return planted
+
+
+Operation = Callable[[LocalBackend], Awaitable[object]]
+
+REFUSED: dict[str, Operation] = {
+    "info-of-dir-link": lambda s: s.info("tenants/a/evil"),
+    "info-through-dir-link": lambda s: s.info("tenants/a/evil/secret.txt"),
+    "info-through-relative-link": lambda s: s.info("tenants/a/rel/secret.txt"),
+    "info-through-root-link": lambda s: s.info("tenants/a/root/etc/passwd"),
+    "info-of-file-link": lambda s: s.info("tenants/a/passwd"),
+    "read-of-file-link": lambda s: s.open_read("tenants/a/passwd"),
+    "read-through-dir-link": lambda s: s.open_read("tenants/a/evil/secret.txt"),
+    "read-through-root-link": lambda s: s.open_read("tenants/a/root/etc/passwd"),
+    "write-onto-file-link": lambda s: put(s, "tenants/a/outside", b"pwned"),
+    "exclusive-write-onto-file-link": lambda s: put(s, "tenants/a/outside", b"x", exclusive=True),
+    "write-through-dir-link": lambda s: put(s, "tenants/a/evil/new.txt", b"pwned"),
+    "write-deep-through-dir-link": lambda s: put(s, "tenants/a/evil/x/y.txt", b"pwned"),
+    "write-through-outside-link": lambda s: put(s, "tenants/a/outdir/new.txt", b"pwned"),
+    "write-over-secret-through-link": lambda s: put(s, "tenants/a/rel/secret.txt", b"pwned"),
+    "list-of-dir-link": lambda s: s.list("tenants/a/evil"),
+    "recursive-list-of-dir-link": lambda s: s.list("tenants/a/evil", recursive=True),
+    "list-through-root-link": lambda s: s.list("tenants/a/root/etc"),
+    "delete-of-file-link": lambda s: s.delete("tenants/a/passwd"),
+    "delete-through-dir-link": lambda s: s.delete("tenants/a/evil/secret.txt"),
+    "delete-prefix-of-dir-link": lambda s: s.delete_prefix("tenants/a/evil"),
+    "delete-prefix-of-outside-link": lambda s: s.delete_prefix("tenants/a/outdir"),
+    "move-of-dir-link": lambda s: s.move("tenants/a/evil", "tenants/a/stolen"),
+    "move-of-file-link": lambda s: s.move("tenants/a/passwd", "tenants/a/pw"),
+    "move-from-through-link": lambda s: s.move("tenants/a/evil/secret.txt", "tenants/a/st.txt"),
+    "move-to-through-link": lambda s: s.move("tenants/a/own.txt", "tenants/a/evil/own.txt"),
+    "move-to-outside-link": lambda s: s.move("tenants/a/own.txt", "tenants/a/outdir/own.txt"),
+    "mkdir-of-link": lambda s: s.mkdir("tenants/a/evil"),
+    "mkdir-through-link": lambda s: s.mkdir("tenants/a/evil/sub"),
+    "mkdir-through-outside-link": lambda s: s.mkdir("tenants/a/outdir/sub"),
+}
+
+
+@pytest.mark.parametrize("operation", REFUSED.values(), ids=REFUSED.keys())
+async def test_symbolic_links_are_refused_with_permission_error(
+    planted: Planted, operation: Operation
+) -> None:
+    with pytest.raises(PermissionError) as raised:
+        await operation(planted.store)
+    assert raised.value.errno == errno.ELOOP
+    assert planted.unchanged()
+    assert await get(planted.store, "tenants/a/own.txt") == b"a's own"
+    assert os.path.islink(planted.root / "tenants/a/evil")
+
+
+async def test_listings_skip_symbolic_links(planted: Planted) -> None:
+    store = planted.store
+    assert await names(store, "tenants/a") == ["tenants/a/own.txt"]
+    assert await names(store, "tenants/a", recursive=True) == ["tenants/a/own.txt"]
+    assert await names(store, "tenants", recursive=True) == [
+        "tenants/a/own.txt",
+        "tenants/b/secret.txt",
+    ]
+    assert planted.unchanged()
+
+
+async def test_delete_prefix_removes_links_but_never_their_targets(planted: Planted) -> None:
+    assert await planted.store.delete_prefix("tenants/a") == 1  # own.txt; links are not files
+    assert not os.path.lexists(planted.root / "tenants/a")
+    assert planted.unchanged()
+    assert await get(planted.store, "tenants/b/secret.txt") == b"b's secret"
+
+
+async def test_link_swapped_in_during_a_write_is_not_followed(planted: Planted) -> None:
+    store = planted.store
+    await store.mkdir("tenants/a/dir")
+
+    async def swapping() -> AsyncIterator[bytes]:
+        yield b"first part, "
+        # After the write's checks, its directory becomes a link to another tenant.
+        os.rmdir(planted.root / "tenants/a/dir")
+        os.symlink(planted.root / "tenants/b", planted.root / "tenants/a/dir")
+        yield b"second part"
+
+    with pytest.raises(PermissionError) as raised:
+        await store.write("tenants/a/dir/secret.txt", swapping())
+    assert raised.value.errno == errno.ELOOP
+    assert planted.unchanged()
+    assert temp_files(store) == []
+
+
+# -- descriptors and full disks ----------------------------------------------------------------
+
+
+async def test_descriptors_are_all_closed_after_reads_writes_and_failures(
+    store: LocalBackend,
+) -> None:
+    process = psutil.Process()
+    await put(store, "warm/up", b"x")  # the first call starts the worker threads
+    await get(store, "warm/up")
+    before = process.num_fds()
+
+    for i in range(10):
+        await put(store, f"fd/{i}/file.bin", bytes([i]) * (MiB + i), metadata={"i": str(i)})
+    for i in range(10):
+        assert len(await get(store, f"fd/{i}/file.bin")) == MiB + i
+        assert await get(store, f"fd/{i}/file.bin", 10, 20) == bytes([i]) * 10
+        await store.info(f"fd/{i}/file.bin")
+    async with await store.open_read("fd/0/file.bin") as reader:
+        async for _ in reader.chunks():
+            break  # abandoned mid-way
+    with pytest.raises(UploadFailed):
+        await store.write("fd/0/file.bin", failing_body(b"x" * (2 * MiB)))
+    with pytest.raises(FileExistsError):
+        await put(store, "fd/1/file.bin", exclusive=True)
+    with pytest.raises(FileNotFoundError):
+        await store.info("fd/none")
+    with pytest.raises(FileNotFoundError):
+        await store.open_read("fd/0/file.bin/below")
+    with pytest.raises(IsADirectoryError):
+        await store.open_read("fd/0")
+    with pytest.raises(NotADirectoryError):
+        await store.list("fd/0/file.bin")
+    await store.list("fd", recursive=True, limit=3)
+    await store.move("fd/9", "fd/moved")
+    await store.delete("fd/8/file.bin")
+    assert await store.delete_prefix("fd") == 9
+
+    assert process.num_fds() == before
+
+
+@pytest.fixture
+def small_file_system(tmp_path: Path) -> Iterator[Path]:
+    """A 1 MiB tmpfs (skips where mounting is not allowed)."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    command = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)]
+    mounted = subprocess.run(command, capture_output=True, text=True, check=False)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield mount_point
+    finally:
+        # Lazily if busy: a descriptor left open by a failing test must not keep it mounted.
+        if subprocess.run(["umount", str(mount_point)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+async def test_full_file_system_raises_enospc_and_keeps_the_old_object(
+    small_file_system: Path,
+) -> None:
+    store = LocalBackend(small_file_system / "store")
+    try:
+        await store.start()
+    except ValueError:
+        pytest.skip("this kernel's tmpfs has no user extended attributes")
+    await put(store, "keep.bin", b"k" * (256 * 1024), metadata={"v": "1"})
+    with pytest.raises(OSError) as raised:
+        await store.write("keep.bin", body(*[b"n" * MiB] * 2))
+    assert raised.value.errno == errno.ENOSPC
+    with pytest.raises(OSError) as raised:
+        await store.write("new.bin", body(*[b"n" * MiB] * 2))
+    assert raised.value.errno == errno.ENOSPC
+    assert temp_files(store) == []
+    assert await get(store, "keep.bin") == b"k" * (256 * 1024)
+    assert dict((await store.info("keep.bin")).metadata) == {"v": "1"}
+    assert not await store.exists("new.bin")
+    await put(store, "after.bin", b"a" * (256 * 1024))  # the failed writes freed their space
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT], ids=["ENOSPC", "EDQUOT"])
+async def test_disk_full_error_propagates_and_leaves_no_temporary_file(
+    store: LocalBackend, monkeypatch: pytest.MonkeyPatch, code: int
+) -> None:
+    # The same as above on any machine: the disk fills after the first megabyte.
+    await put(store, "d/file", b"old")
+    real_write = os.write
+    written = 0
+
+    def filling_write(fd: int, data: bytes) -> int:
+        nonlocal written
+        if written >= MiB:
+            raise OSError(code, os.strerror(code))
+        written += len(data)
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", filling_write)
+    with pytest.raises(OSError) as raised:
+        await store.write("d/file", body(*[b"n" * MiB] * 3))
+    monkeypatch.undo()
+    assert raised.value.errno == code
+    assert temp_files(store) == []
+    assert await get(store, "d/file") == b"old"
