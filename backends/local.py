@@ -5,9 +5,11 @@ directories are real directories. Its content type and user metadata are one ext
 attribute (``user.gateway``, compact JSON) of the file itself, so they appear, move and vanish
 with it.
 
-Writes land in a temporary file under ``<base>/.gateway/tmp/``, are fsynced, get their
-metadata, and are renamed into place (then the directory is fsynced): a reader sees the old
-object or the whole new one. A crash leaves at most a temporary file, which ``start`` removes.
+Writes land in a temporary file under ``<base>/.gateway/tmp/<process>/``, are fsynced, get
+their metadata, and are renamed into place (then the directory is fsynced): a reader sees the
+old object or the whole new one. Each backend instance holds an ``flock`` on its own temporary
+folder; a crash leaves at most a temporary file in a folder nobody holds, and ``start`` removes
+those folders, and only those, so several processes can share one base path.
 
 Symbolic links are never followed (rule 8 of ``gateway.keys``). Every path is opened one
 segment at a time from a descriptor of the base directory with ``O_NOFOLLOW``, and every
@@ -24,6 +26,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import secrets
@@ -52,6 +55,9 @@ CHUNK_SIZE: Final = 1024 * 1024
 TMP_DIR: Final = f"{SYSTEM_PREFIX}/tmp"
 """Key of the directory of temporary files; no operation and no listing reaches into it."""
 
+LOCK_NAME: Final = "lock"
+"""In each process's temporary folder: the file it holds an ``flock`` on while it runs."""
+
 XATTR: Final = "user.gateway"
 """The extended attribute that holds an object's content type and user metadata."""
 
@@ -79,6 +85,21 @@ def _split(key: str) -> list[str]:
     if key == TMP_DIR or key.startswith(f"{TMP_DIR}/"):
         raise PermissionError(errno.EACCES, "reserved for the local backend", key)
     return segments
+
+
+def _held_by_a_live_process(folder: int) -> bool:
+    """Given a temporary folder, say whether a running process holds its lock."""
+    try:
+        lock = os.open(LOCK_NAME, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+    except FileNotFoundError:
+        return False  # a folder being made (".new") or left half-made by a crash
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(lock)
+    return False
 
 
 def _symlink_error(key: str) -> PermissionError:
@@ -373,6 +394,8 @@ class LocalBackend(Backend):
 
     def __init__(self, base_path: str | os.PathLike[str]) -> None:
         self.base_path = os.fspath(base_path)
+        self._tmp_segments = TMP_DIR.split("/")
+        self._tmp_lock: int | None = None
 
     # Every method below named ``_x`` runs in a worker thread and closes what it opens.
 
@@ -449,21 +472,78 @@ class LocalBackend(Backend):
             ) from None
         tmp = self._open_dir(TMP_DIR.split("/"), TMP_DIR, create=True)
         try:
-            # Whatever is here was being written when a previous process died.
-            with os.scandir(tmp) as entries:
-                leftovers = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
-            for name, is_dir in leftovers:
-                if is_dir:
-                    child = _open_child_dir(tmp, name, TMP_DIR)
-                    try:
-                        _remove_tree(child, f"{TMP_DIR}/{name}/")
-                    finally:
-                        os.close(child)
-                    os.rmdir(name, dir_fd=tmp)
-                else:
-                    os.unlink(name, dir_fd=tmp)
-            self._probe_xattr(tmp)
+            self._remove_leftovers(tmp)
+            own = self._claim_tmp(tmp)
+            try:
+                self._probe_xattr(own)
+            except BaseException:
+                os.close(own)
+                self._close()
+                raise
+            os.close(own)
         finally:
+            os.close(tmp)
+
+    def _remove_leftovers(self, tmp: int) -> None:
+        """Remove what processes that died were writing: every folder whose lock is free."""
+        with os.scandir(tmp) as entries:
+            leftovers = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+        for name, is_dir in leftovers:
+            if not is_dir:
+                os.unlink(name, dir_fd=tmp)
+                continue
+            child = _open_child_dir(tmp, name, TMP_DIR)
+            try:
+                if _held_by_a_live_process(child):
+                    continue
+                _remove_tree(child, f"{TMP_DIR}/{name}/")
+            finally:
+                os.close(child)
+            with contextlib.suppress(FileNotFoundError, OSError):
+                os.rmdir(name, dir_fd=tmp)
+
+    def _claim_tmp(self, tmp: int) -> int:
+        """Make this instance's temporary folder, lock it, and return a descriptor of it.
+
+        The folder gets its final name only once locked, so another process's ``start``
+        never sees it unlocked.
+        """
+        name = secrets.token_hex(8)
+        building = f"{name}.new"
+        os.mkdir(building, 0o700, dir_fd=tmp)
+        folder = _open_child_dir(tmp, building, TMP_DIR)
+        lock = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=folder)
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.rename(building, name, src_dir_fd=tmp, dst_dir_fd=tmp)
+        self._tmp_lock = lock
+        self._tmp_segments = [*TMP_DIR.split("/"), name]
+        return folder
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        lock, self._tmp_lock = self._tmp_lock, None
+        if lock is None:
+            return
+        own = self._tmp_segments[-1]
+        self._tmp_segments = TMP_DIR.split("/")
+        try:
+            tmp = self._open_dir(self._tmp_segments, TMP_DIR)
+        except OSError:
+            os.close(lock)
+            return
+        try:
+            folder = _open_child_dir(tmp, own, TMP_DIR)
+            try:
+                _remove_tree(folder, f"{TMP_DIR}/{own}/")
+            finally:
+                os.close(folder)
+            os.rmdir(own, dir_fd=tmp)
+        except OSError:
+            pass  # left for the next start, which removes unlocked folders
+        finally:
+            os.close(lock)
             os.close(tmp)
 
     def _probe_xattr(self, tmp: int) -> None:
@@ -561,7 +641,7 @@ class LocalBackend(Backend):
     def _begin_write(self, segments: list[str], key: str, exclusive: bool) -> _TempFile:
         """Refuse a write that cannot land before its body is read; open its temporary file."""
         self._check_writable(segments, key, exclusive)
-        tmp = self._open_dir(TMP_DIR.split("/"), TMP_DIR)
+        tmp = self._open_dir(self._tmp_segments, TMP_DIR)
         try:
             name = f"{secrets.token_hex(16)}.tmp"
             fd = os.open(name, _TEMP_FLAGS, 0o666, dir_fd=tmp)

@@ -20,7 +20,7 @@ import pytest
 
 import backends.local as local_module
 from backends.base import SYSTEM_PREFIX
-from backends.local import TMP_DIR, XATTR, LocalBackend
+from backends.local import LOCK_NAME, TMP_DIR, XATTR, LocalBackend
 from tests.backends.helpers import UploadFailed, body, failing_body, get, names, put
 
 MiB = 1024 * 1024
@@ -41,7 +41,11 @@ def base(store: LocalBackend) -> Path:
 
 
 def temp_files(store: LocalBackend) -> list[str]:
-    return os.listdir(base(store) / TMP_DIR)
+    """Every temporary file of every process under the base (their lock files aside)."""
+    root = base(store) / TMP_DIR
+    return [
+        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != LOCK_NAME
+    ]
 
 
 # -- layout on disk ----------------------------------------------------------------------------
@@ -113,8 +117,29 @@ async def test_start_removes_leftover_temporary_files(tmp_path: Path) -> None:
     (tmp_path / "store/kept.txt").write_bytes(b"an object")
     backend = LocalBackend(tmp_path / "store")
     await backend.start()
-    assert os.listdir(tmp) == []
-    assert await get(backend, "kept.txt") == b"an object"
+    try:
+        (own,) = os.listdir(tmp)  # only this process's own folder, holding its lock
+        assert os.listdir(tmp / own) == [LOCK_NAME]
+        assert await get(backend, "kept.txt") == b"an object"
+    finally:
+        await backend.close()
+    assert os.listdir(tmp) == []  # close removes the folder
+
+
+async def test_start_keeps_the_temporary_files_of_a_running_process(tmp_path: Path) -> None:
+    first = LocalBackend(tmp_path / "store")
+    await first.start()
+    (own,) = os.listdir(tmp_path / "store" / TMP_DIR)
+    (tmp_path / "store" / TMP_DIR / own / "uploading.tmp").write_bytes(b"in flight")
+    second = LocalBackend(tmp_path / "store")
+    await second.start()  # another replica (or --workers) over the same base path
+    try:
+        assert (tmp_path / "store" / TMP_DIR / own / "uploading.tmp").read_bytes() == b"in flight"
+        await put(second, "k", b"written by the second")
+        assert await get(first, "k") == b"written by the second"
+    finally:
+        await second.close()
+        await first.close()
 
 
 async def test_start_creates_the_base_path(tmp_path: Path) -> None:
@@ -140,7 +165,7 @@ async def test_start_refuses_a_file_system_without_extended_attributes(
     with pytest.raises(ValueError, match=r"storage\.local\.base-path: .*extended attributes") as e:
         await LocalBackend(tmp_path / "store").start()
     assert str(tmp_path / "store") in str(e.value)
-    assert os.listdir(tmp_path / "store" / TMP_DIR) == []  # the probe file is gone
+    assert os.listdir(tmp_path / "store" / TMP_DIR) == []  # the probe and its folder are gone
 
 
 async def test_failed_write_leaves_no_temporary_file(store: LocalBackend) -> None:
