@@ -211,6 +211,7 @@ class Gateway:
             GATEWAY_STORAGE_LOCAL_BASE_PATH=str(self.base_path),
             GATEWAY_TENANTS_ENABLED="true",
             GATEWAY_TENANTS_IDS=TENANT,
+            GATEWAY_AUTH_ENABLED="false",
             PYTHONUNBUFFERED="1",
         )
         with open(self.log_path, "wb") as log:

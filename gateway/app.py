@@ -8,8 +8,10 @@ tenant segment as sent, the key decoded once from the request line) -> a handler
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from types import MappingProxyType
 from typing import Final
@@ -19,30 +21,33 @@ from aiohttp import web
 from backends.base import Backend
 from backends.registry import backend_class
 
-from . import files, keys
+from . import admin, files, keys
+from .access import Action, authorize, identify
 from .config import Config
-from .errors import GatewayError, InsufficientStorage, MethodNotAllowed, NotFound
+from .errors import Conflict, GatewayError, InsufficientStorage, NotFound, Unauthorized
 from .keys import Scope
 from .openapi import openapi_document
-from .state import BACKEND, CONFIG, IN_FLIGHT, TENANCY, InFlight
+from .registry import Registry
+from .state import BACKEND, CONFIG, IN_FLIGHT, REGISTRY, TENANCY, InFlight
 from .tenancy import Tenancy
 
 log = logging.getLogger("gateway")
 
 Handler = Callable[[web.Request, Scope, str | None], Awaitable[web.StreamResponse]]
 
-ACTIONS: Final[Mapping[str, Mapping[str, Handler]]] = MappingProxyType(
+# Route word -> method -> (handler, what the caller's role must allow).
+ACTIONS: Final[Mapping[str, Mapping[str, tuple[Handler, Action]]]] = MappingProxyType(
     {
         "files": {
-            "GET": files.get_file,
-            "HEAD": files.get_file,
-            "PUT": files.put_file,
-            "DELETE": files.delete,
+            "GET": (files.get_file, "read"),
+            "HEAD": (files.get_file, "read"),
+            "PUT": (files.put_file, "write"),
+            "DELETE": (files.delete, "write"),
         },
-        "stats": {"GET": files.stat},
-        "list": {"GET": files.list_dir},
-        "directories": {"POST": files.make_directory},
-        "move": {"POST": files.move},
+        "stats": {"GET": (files.stat, "read")},
+        "list": {"GET": (files.list_dir, "read")},
+        "directories": {"POST": (files.make_directory, "write")},
+        "move": {"POST": (files.move, "write")},
     }
 )
 API_PREFIX: Final = "/api/v1/"
@@ -63,6 +68,8 @@ def _from_exception(exc: BaseException) -> web.Response | None:
     """
     if isinstance(exc, GatewayError):
         response = web.json_response(exc.body(), status=exc.status)
+        if isinstance(exc, Unauthorized):
+            response.headers["WWW-Authenticate"] = exc.CHALLENGE
         size = getattr(exc, "size", None)
         if size is not None:  # RFC 9110, 14.4: 416 says how large the object is
             response.headers["Content-Range"] = f"bytes */{size}"
@@ -139,10 +146,15 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     if not rest or rest[0] not in ACTIONS:
         raise NotFound("no such route")
     methods = ACTIONS[rest[0]]
-    handler = methods.get(request.method)
-    if handler is None:
+    if request.method not in methods:
         raise web.HTTPMethodNotAllowed(request.method, sorted(methods))
-    scope = request.app[TENANCY].scope(raw_tenant)
+    handler, action = methods[request.method]
+    registry = request.app[REGISTRY]
+    tenancy = request.app[TENANCY]
+    tenancy.check_mode(raw_tenant)
+    identity = await identify(request, registry) if request.app[CONFIG]["auth.enabled"] else None
+    scope = tenancy.scope(raw_tenant)
+    authorize(registry.snapshot, identity, scope, action)
     tail = rest[1:]
     raw_key: str | None
     if tail:
@@ -190,6 +202,30 @@ def make_backend(config: Config) -> Backend:
     return cls()
 
 
+async def start_registry(registry: Registry, config: Config) -> None:
+    """Load the registry, create the configured tenants, and the first super admin."""
+    await registry.start()
+    for tenant_id in config["tenants.ids"]:
+        if tenant_id not in registry.snapshot.tenants:
+            with contextlib.suppress(Conflict):  # another replica created it meanwhile
+                await registry.create_tenant(tenant_id, tenant_id)
+    if not config["auth.enabled"]:
+        log.warning("auth.enabled is false: every caller may read and write every tenant")
+        return
+    password = await registry.ensure_bootstrap_admin(
+        config["admin.username"], config["admin.password"], config["admin.password-file"]
+    )
+    if password is not None:
+        name = config["admin.username"] or "admin"
+        # Shown once, on the console of the operator who started the first instance.
+        print(
+            f"created super admin {name!r} with a generated password (also written, mode 0600, "
+            f"to {config['admin.password-file']}): {password}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def create_app(config: Config, backend: Backend | None = None) -> web.Application:
     """Given a checked configuration (and optionally a backend), return the application."""
     app = web.Application(middlewares=[in_flight_middleware, error_middleware])
@@ -197,19 +233,22 @@ def create_app(config: Config, backend: Backend | None = None) -> web.Applicatio
     app[CONFIG] = config
     app[BACKEND] = backend if backend is not None else make_backend(config)
     app[TENANCY] = Tenancy(config)
+    app[REGISTRY] = Registry(app[BACKEND], refresh_interval=config["auth.cache-seconds"])
 
     async def storage(app: web.Application) -> AsyncIterator[None]:
         await app[BACKEND].start()
-        yield
-        await app[BACKEND].close()
+        try:
+            await start_registry(app[REGISTRY], config)
+            yield
+        finally:
+            await app[REGISTRY].close()
+            await app[BACKEND].close()
 
     app.cleanup_ctx.append(storage)
     app.router.add_get("/health/live", health_live)
     app.router.add_get("/health/ready", health_ready)
     app.router.add_get("/openapi.json", openapi)
+    admin.add_routes(app.router)  # before the catch-all: these words are reserved tenant ids
     # The key may hold any character once decoded (even a newline, to be refused): match all.
     app.router.add_route("*", r"/api/v1/{tail:[\s\S]*}", dispatch)
     return app
-
-
-__all__ = ["MethodNotAllowed", "create_app", "dispatch", "make_backend"]

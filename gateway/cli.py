@@ -134,5 +134,9 @@ def show_config() -> None:
         click.echo(f"{key:28} default {option.default!r:12} env {env_name(key)}\n    {option.help}")
 
 
+from .admin_cli import register  # noqa: E402  (after main: the admin commands join it)
+
+register(main)
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -32,7 +32,7 @@ class ConfigError(ValueError):
 
 
 def _fail(key: str, value: object, expected: str) -> ConfigError:
-    shown = "<hidden>" if "secret" in key or "password" in key else repr(value)
+    shown = "<hidden>" if "secret" in key or key.endswith("password") else repr(value)
     return ConfigError(f"Config {key!r} has value {shown}: {expected}")
 
 
@@ -109,6 +109,13 @@ def _to_positive(key: str, value: object) -> float:
     return number
 
 
+def _to_staleness(key: str, value: object) -> float:
+    seconds = _to_positive(key, value)
+    if seconds > 2:
+        raise _fail(key, value, "expected at most 2 seconds")
+    return seconds
+
+
 def _to_size(key: str, value: object) -> int:
     size = parse_size(key, value)
     if size <= 0:
@@ -164,7 +171,32 @@ OPTIONS: Final = MappingProxyType(
                 "tenants.ids",
                 (),
                 _to_ids,
-                "Tenants that exist (temporary, until the tenant registry).",
+                "Tenants to create at start when missing (the registry is the source of truth).",
+            ),
+            Option(
+                "auth.enabled",
+                True,
+                _to_bool,
+                "Require credentials (Basic or Bearer); false is logged as a warning at start.",
+            ),
+            Option(
+                "auth.cache-seconds",
+                1.0,
+                _to_staleness,
+                "How stale this process's copy of tenants, users and tokens may get (max 2).",
+            ),
+            Option("admin.username", None, _to_str, "Super admin created on first start."),
+            Option(
+                "admin.password",
+                None,
+                _to_str,
+                "Its password; without one a random password is generated and shown once.",
+            ),
+            Option(
+                "admin.password-file",
+                "./gateway-admin-password.txt",
+                _to_str,
+                "Where a generated password is written (mode 0600).",
             ),
         ]
     }
@@ -242,7 +274,7 @@ def _from_file(path: Path) -> dict[str, Any]:
                 values[_KESTRA_KEYS[key]] = value
         elif key in OPTIONS:
             values[key] = value
-        elif key.split(".")[0] in {"server", "storage", "tenants", "limits"}:
+        elif key.split(".")[0] in {"server", "storage", "tenants", "limits", "auth", "admin"}:
             raise ConfigError(f"Config {key!r} is not a known key")
     _minio_endpoint(flat, values)
     return values

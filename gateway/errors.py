@@ -12,6 +12,8 @@ Tree::
     │   ├── InvalidKey (400 invalid_key)            a key broke a rule of gateway.keys
     │   ├── InvalidTenant (400 invalid_tenant)      a tenant id outside the grammar
     │   └── ChecksumMismatch (400 checksum_mismatch)
+    ├── Unauthorized (401 unauthorized)             with WWW-Authenticate
+    ├── Forbidden (403 forbidden)
     ├── NotFound (404 not_found)
     │   └── TenantNotFound (404 tenant_not_found)
     ├── MethodNotAllowed (405 method_not_allowed)
@@ -112,3 +114,16 @@ class StorageUnavailable(GatewayError):
 class InsufficientStorage(GatewayError):
     status = 507
     code = "insufficient_storage"
+
+
+class Unauthorized(GatewayError):
+    """No credentials, or credentials that do not hold (RFC 9110, 15.5.2: with a challenge)."""
+
+    status = 401
+    code = "unauthorized"
+    CHALLENGE = 'Basic realm="gateway", charset="UTF-8", Bearer realm="gateway"'
+
+
+class Forbidden(GatewayError):
+    status = 403
+    code = "forbidden"

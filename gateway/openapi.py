@@ -22,7 +22,8 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _errors(*statuses: int) -> dict[str, Any]:
     reasons = {
         400: "Invalid key, tenant id, header or body; `rule` names the broken rule.",
-        403: "The storage refused the operation.",
+        401: "Authentication required (Basic for users, Bearer for tokens).",
+        403: "No access (the same answer whether or not the tenant exists).",
         404: "No such object, tenant or route.",
         405: "Method not allowed.",
         409: "A file or directory is in the way.",
@@ -225,6 +226,122 @@ def _scoped(base: str, tenant: bool, op: dict[str, Any], key: bool) -> tuple[str
     return prefix + base + ("/{key}" if key else ""), op
 
 
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _op(
+    summary: str,
+    ok: int,
+    schema: dict[str, Any] | None,
+    *errors: int,
+    body: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    responses: dict[str, Any] = {
+        str(ok): _json(schema, "Done.") if schema is not None else {"description": "Done."}
+    }
+    responses.update(_errors(*errors))
+    operation: dict[str, Any] = {"summary": summary, "tags": ["admin"], "responses": responses}
+    if body is not None:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": body}},
+        }
+    return operation
+
+
+def _obj(required: list[str], **props: Any) -> dict[str, Any]:
+    return {"type": "object", "required": required, "properties": props}
+
+
+_STR: Final = {"type": "string"}
+_BOOL: Final = {"type": "boolean"}
+
+
+def _admin_paths() -> dict[str, Any]:
+    tenant_body = _obj(["id"], id=_STR, name=_STR, deleted=_BOOL)
+    binding_target = _obj(
+        ["kind", "subject"],
+        tenant={"type": "string", "nullable": True},
+        kind={"type": "string", "enum": ["user", "service-account"]},
+        subject=_STR,
+    )
+    binding = {**binding_target, "required": ["kind", "subject", "role"]}
+    binding["properties"] = {
+        **binding_target["properties"],
+        "role": {"type": "string", "enum": ["ADMIN", "EDITOR", "VIEWER"]},
+    }
+    tenant_id = [{"name": "tenant", "in": "path", "required": True, "schema": _STR}]
+    deny = (400, 401, 403, 404, 409)
+    return {
+        "/api/v1/tenants": {
+            "post": _op("Create a tenant (the seed's body). The creator gets ADMIN unless a "
+                        "super admin.", 201, _ref("Tenant"), *deny, body=tenant_body),
+            "get": _op("Tenants the caller can access (a super admin: all).", 200,
+                       {"type": "array", "items": _ref("Tenant")}, 401),
+        },
+        "/api/v1/tenants/{tenant}": {
+            "parameters": tenant_id,
+            "get": _op("One tenant.", 200, _ref("Tenant"), 401, 403, 404),
+            "put": _op("Rename (tenant ADMIN or super admin); deleted (super admin).", 200,
+                       _ref("Tenant"), *deny, body=_obj([], name=_STR, deleted=_BOOL)),
+            "delete": _op("Soft delete (super admin).", 200, _ref("Tenant"), 401, 403, 404),
+        },
+        "/api/v1/tenants/{tenant}/restore": {
+            "parameters": tenant_id,
+            "post": _op("Restore a soft-deleted tenant (super admin).", 200, _ref("Tenant"),
+                        401, 403, 404),
+        },
+        "/api/v1/bindings": {
+            "get": {**_op("Role bindings of a tenant (its ADMIN or a super admin).", 200,
+                          {"type": "array", "items": binding}, 400, 401, 403),
+                    "parameters": [{"name": "tenant", "in": "query", "required": False,
+                                    "schema": _STR}]},
+            "put": _op("Grant a role (replaces the previous one).", 200, binding, *deny,
+                       body=binding),
+            "delete": _op("Revoke a binding.", 204, None, *deny, body=binding_target),
+        },
+        "/api/v1/me": {"get": _op("The caller and its bindings.", 200, {"type": "object"}, 401)},
+        "/api/v1/users": {
+            "get": _op("Users (super admin).", 200, {"type": "array", "items": _ref("User")},
+                       401, 403),
+            "post": _op("Create a user (super admin).", 201, _ref("User"), *deny, body=_obj(
+                ["username", "password"], username=_STR, password=_STR, superAdmin=_BOOL,
+                canCreateTenants=_BOOL)),
+        },
+        "/api/v1/users/{username}": {
+            "parameters": [{"name": "username", "in": "path", "required": True, "schema": _STR}],
+            "patch": _op("Change a user (super admin).", 200, _ref("User"), *deny, body=_obj(
+                [], password=_STR, superAdmin=_BOOL, canCreateTenants=_BOOL)),
+            "delete": _op("Delete a user and its bindings (super admin).", 204, None,
+                          401, 403, 404),
+        },
+        "/api/v1/service-accounts": {
+            "get": _op("Service accounts (super admin).", 200, {"type": "array"}, 401, 403),
+            "post": _op("Create a service account (super admin).", 201, {"type": "object"},
+                        *deny, body=_obj(["name"], name=_STR, description=_STR)),
+        },
+        "/api/v1/service-accounts/{name}": {
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": _STR}],
+            "delete": _op("Delete it, its tokens and bindings (super admin).", 204, None,
+                          401, 403, 404),
+        },
+        "/api/v1/service-accounts/{name}/tokens": {
+            "parameters": [{"name": "name", "in": "path", "required": True, "schema": _STR}],
+            "get": _op("Its tokens, never their secrets (super admin).", 200,
+                       {"type": "array"}, 401, 403, 404),
+            "post": _op("Create a token: `token` is shown this once (super admin).", 201,
+                        {"type": "object"}, *deny,
+                        body=_obj([], description=_STR, expiresIn={"type": "number"})),
+        },
+        "/api/v1/tokens/{token}": {
+            "parameters": [{"name": "token", "in": "path", "required": True, "schema": _STR}],
+            "delete": _op("Revoke a token (super admin).", 200, {"type": "object"}, 401, 403,
+                          404),
+        },
+    }  # fmt: skip
+
+
 @cache
 def openapi_document() -> dict[str, Any]:
     """Return the OpenAPI document (built once)."""
@@ -243,7 +360,10 @@ def openapi_document() -> dict[str, Any]:
             for operation in item.values():
                 if isinstance(operation, dict) and "responses" in operation:
                     operation["tags"] = ["tenant" if tenant else "null tenant"]
+                    for status, answer in _errors(401, 403).items():
+                        operation["responses"].setdefault(status, answer)
             paths[path] = item
+    paths.update(_admin_paths())
     paths["/health/live"] = {
         "get": {
             "summary": "The process is up.",
@@ -307,6 +427,22 @@ def openapi_document() -> dict[str, Any]:
                         "contentType": {"type": "string", "nullable": True},
                     },
                 },
+                "Tenant": _obj(
+                    ["id", "name", "deleted"],
+                    id=_STR,
+                    name=_STR,
+                    deleted=_BOOL,
+                    created=_STR,
+                    updated=_STR,
+                ),
+                "User": _obj(
+                    ["username"],
+                    username=_STR,
+                    superAdmin=_BOOL,
+                    canCreateTenants=_BOOL,
+                    created=_STR,
+                    updated=_STR,
+                ),
                 "Listing": {
                     "type": "object",
                     "required": ["entries", "cursor"],

@@ -10,6 +10,7 @@ from aiohttp import web
 from backends.base import Backend
 
 from .config import Config
+from .registry import Registry
 from .tenancy import Tenancy
 
 
@@ -42,4 +43,5 @@ class InFlight:
 CONFIG: Final = web.AppKey("config", Config)
 BACKEND: Final = web.AppKey("backend", Backend)
 TENANCY: Final = web.AppKey("tenancy", Tenancy)
+REGISTRY: Final = web.AppKey("registry", Registry)
 IN_FLIGHT: Final = web.AppKey("in_flight", InFlight)

@@ -1,25 +1,28 @@
-"""The tenancy modes of DESIGN.md: which scopes a URL may name, and which tenants exist."""
+"""The tenancy modes of DESIGN.md: which scopes a URL may name.
+
+Whether a named tenant exists (and may be used by the caller) is ``gateway.access``'s question,
+answered from the registry's in-memory snapshot.
+"""
 
 from __future__ import annotations
 
 from .config import Config
-from .errors import NotFound, TenantNotFound
+from .errors import NotFound
 from .keys import NULL_SCOPE, Scope, tenant_scope
 
 
 class Tenancy:
-    """Given the URL's tenant segment (as sent), return its ``Scope`` or refuse it.
-
-    Which tenants exist comes from ``tenants.ids`` until the tenant registry replaces it;
-    the check is a set look-up, with no I/O on the request path.
-    """
+    """Given the URL's tenant segment (as sent), return its ``Scope`` or refuse it."""
 
     def __init__(self, config: Config) -> None:
         self.enabled: bool = config["tenants.enabled"]
         self.null_served: bool = config.null_tenant_served
-        self.tenant_ids: frozenset[str] = frozenset(config["tenants.ids"])
 
-    def scope(self, raw_tenant: str | None) -> Scope:
+    def check_mode(self, raw_tenant: str | None) -> None:
+        """Raise ``NotFound`` if the tenancy mode does not serve this kind of route."""
+        self.scope(raw_tenant, grammar=False)
+
+    def scope(self, raw_tenant: str | None, *, grammar: bool = True) -> Scope:
         if raw_tenant is None:
             if not self.null_served:
                 raise NotFound(
@@ -32,7 +35,4 @@ class Tenancy:
                 "multi-tenancy is not enabled on this gateway (tenants.enabled: false); "
                 "use /api/v1/files/..."
             )
-        scope = tenant_scope(raw_tenant)
-        if raw_tenant not in self.tenant_ids:
-            raise TenantNotFound("no such tenant")
-        return scope
+        return tenant_scope(raw_tenant) if grammar else Scope(raw_tenant)

@@ -33,6 +33,7 @@ def make_client(
             "tenants.enabled": True,
             "tenants.default-tenant": True,
             "tenants.ids": ["acme", "other"],
+            "auth.enabled": False,  # access control has its own tests (test_access.py)
         }
         values.update(overrides)
         return await aiohttp_client(create_app(config.check(values)))

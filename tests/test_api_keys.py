@@ -57,6 +57,7 @@ async def gateway(
             "tenants.enabled": True,
             "tenants.default-tenant": True,
             "tenants.ids": ["acme", "other"],
+            "auth.enabled": False,
         }
     )
     server = await aiohttp_server(create_app(cfg))

@@ -47,6 +47,7 @@ def _config(base: Path, grace: float) -> dict[str, object]:
         "storage.type": "local",
         "storage.local.base-path": str(base),
         "server.shutdown-timeout": grace,
+        "auth.enabled": False,
     }
 
 

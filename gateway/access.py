@@ -1,0 +1,110 @@
+"""Who is calling, and may they do this in this scope?
+
+Identity: HTTP Basic for users, ``Authorization: Bearer`` for service-account tokens
+(``gateway.registry`` verifies both in constant time). Access: a role binding of the identity on
+the scope. A super admin manages tenants and identities but reads or writes no tenant's files
+without a binding, as the seed says.
+
+Every check reads ``registry.snapshot``, an in-memory view: no I/O on the request path, and a
+cost that does not grow with the number of tenants (dictionary look-ups).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Final, Literal
+
+from aiohttp import web
+
+from .errors import Forbidden, TenantNotFound, Unauthorized
+from .keys import Scope
+from .registry import Registry, Snapshot
+
+Action = Literal["read", "write", "manage"]
+
+# Which roles allow which action (ADMIN > EDITOR > VIEWER).
+ALLOWED: Final = {
+    "read": frozenset({"ADMIN", "EDITOR", "VIEWER"}),
+    "write": frozenset({"ADMIN", "EDITOR"}),
+    "manage": frozenset({"ADMIN"}),
+}
+# One answer for "no such tenant", "deleted tenant" and "no access": existence does not leak.
+NO_ACCESS: Final = "no access to this tenant"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    kind: Literal["user", "service-account", "anonymous"]
+    name: str
+    super_admin: bool = False
+    can_create_tenants: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "kind": self.kind,
+            "name": self.name,
+            "superAdmin": self.super_admin,
+            "canCreateTenants": self.can_create_tenants,
+        }
+
+
+ANONYMOUS: Final = Identity("anonymous", "anonymous")
+
+
+async def identify(request: web.Request, registry: Registry) -> Identity:
+    """Given a request, return the identity its credentials prove, or raise ``Unauthorized``."""
+    header = request.headers.get("Authorization")
+    if header is None:
+        raise Unauthorized("authentication required: HTTP Basic (users) or Bearer (tokens)")
+    scheme, _, value = header.partition(" ")
+    scheme = scheme.lower()
+    if scheme == "basic":
+        try:
+            decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+        except (binascii.Error, ValueError):
+            raise Unauthorized("malformed Basic credentials") from None
+        username, colon, password = decoded.partition(":")
+        user = await registry.verify_password_async(username, password) if colon else None
+        if user is None:
+            raise Unauthorized("wrong username or password")
+        return Identity("user", user.username, user.super_admin, user.can_create_tenants)
+    if scheme == "bearer":
+        found = registry.verify_token(value.strip())
+        if found is None:
+            raise Unauthorized("invalid, revoked or expired token")
+        _token, account = found
+        return Identity("service-account", account.name)
+    raise Unauthorized("unsupported authentication scheme: use Basic or Bearer")
+
+
+def tenant_usable(snapshot: Snapshot, tenant: str | None) -> bool:
+    """Given a tenant id (``None``: the null tenant), say if it exists and is not deleted."""
+    if tenant is None:
+        return True
+    found = snapshot.tenants.get(tenant)
+    return found is not None and not found.deleted
+
+
+def role_of(snapshot: Snapshot, identity: Identity, tenant: str | None) -> str | None:
+    if identity.kind == "anonymous":
+        return None
+    return snapshot.role(tenant, identity.kind, identity.name)
+
+
+def authorize(snapshot: Snapshot, identity: Identity | None, scope: Scope, action: Action) -> None:
+    """Raise unless ``identity`` may do ``action`` in ``scope``.
+
+    ``identity=None`` means authentication is off: only the tenant's existence is checked
+    (404). Otherwise an unknown, deleted or inaccessible tenant gives the same 403.
+    """
+    if identity is None:
+        if not tenant_usable(snapshot, scope.tenant):
+            raise TenantNotFound("no such tenant")
+        return
+    if not tenant_usable(snapshot, scope.tenant):
+        raise Forbidden(NO_ACCESS)
+    role = role_of(snapshot, identity, scope.tenant)
+    if role is None or role not in ALLOWED[action]:
+        raise Forbidden(NO_ACCESS)
