@@ -1316,6 +1316,16 @@ class Registry:
         name = _check_username(DEFAULT_ADMIN if username is None else username)
         if password is not None:
             _check_password(password)
+        generated = await self._bootstrap(name, password, secret_file)
+        if generated is None and not self._snapshot.users:
+            # Another process made the admin: load it now, so this replica does not answer
+            # 401 to it until its next refresh.
+            await self.load_full()
+        return generated
+
+    async def _bootstrap(
+        self, name: str, password: str | None, secret_file: str | os.PathLike[str]
+    ) -> str | None:
         users_folder = f"{REGISTRY_PREFIX}/{ENTITY_FOLDERS['user']}"
         if self._snapshot.users or await self._list_files(users_folder):
             return None
