@@ -24,7 +24,6 @@ from .base import (
     Info,
     Page,
     Reader,
-    sort_key,
 )
 
 READ_CHUNK_SIZE: Final = 1024 * 1024
@@ -160,22 +159,31 @@ class MemoryBackend(Backend):
             raise ValueError("limit must be at least 1")
         self._require_directory(key)
         prefix = f"{key}/" if key else ""
-        entries: list[Info] = []
-        for name, (_, info) in self._files.items():
-            if name.startswith(prefix) and (recursive or "/" not in name[len(prefix) :]):
-                entries.append(_listed(info))
+        after = "" if start_after is None else start_after
+        # Sort keys first (a directory sorts as name + "/"), entries only for the page: a
+        # listing in pages must not build every entry of the store for every page.
+        found = [
+            name
+            for name in self._files
+            if name > after
+            and name.startswith(prefix)
+            and (recursive or "/" not in name[len(prefix) :])
+        ]
         if not recursive:
-            entries.extend(
-                Info(name=name, type=DIRECTORY)
+            found.extend(
+                name + "/"
                 for name in self._dirs
-                if name.startswith(prefix) and "/" not in name[len(prefix) :]
+                if name + "/" > after
+                and name.startswith(prefix)
+                and "/" not in name[len(prefix) :]
             )
-        entries.sort(key=sort_key)
-        if start_after is not None:
-            entries = [entry for entry in entries if sort_key(entry) > start_after]
-        page = entries[:limit]
-        more = len(entries) > limit
-        return Page(entries=page, next_cursor=sort_key(page[-1]) if more else None)
+        found.sort()
+        page = [
+            Info(name=k[:-1], type=DIRECTORY) if k.endswith("/") else _listed(self._files[k][1])
+            for k in found[:limit]
+        ]
+        more = len(found) > limit
+        return Page(entries=page, next_cursor=found[limit - 1] if more else None)
 
     async def delete(self, key: str) -> None:
         _check_key(key)
