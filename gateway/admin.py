@@ -141,22 +141,22 @@ async def update_tenant(request: web.Request) -> web.Response:
     return web.json_response(tenant.to_json())
 
 
-async def delete_tenant(request: web.Request) -> web.Response:
+async def _set_deleted(request: web.Request, deleted: bool) -> web.Response:
+    """Soft delete or restore a tenant (super admin)."""
     await _super_admin(request)
     tenant_id = request.match_info["tenant"]
     if tenant_id not in _registry(request).snapshot.tenants:
         raise NotFound("no such tenant")
-    tenant = await _registry(request).update_tenant(tenant_id, deleted=True)
+    tenant = await _registry(request).update_tenant(tenant_id, deleted=deleted)
     return web.json_response(tenant.to_json())
+
+
+async def delete_tenant(request: web.Request) -> web.Response:
+    return await _set_deleted(request, True)
 
 
 async def restore_tenant(request: web.Request) -> web.Response:
-    await _super_admin(request)
-    tenant_id = request.match_info["tenant"]
-    if tenant_id not in _registry(request).snapshot.tenants:
-        raise NotFound("no such tenant")
-    tenant = await _registry(request).update_tenant(tenant_id, deleted=False)
-    return web.json_response(tenant.to_json())
+    return await _set_deleted(request, False)
 
 
 # -- bindings ----------------------------------------------------------------------------------
