@@ -173,9 +173,7 @@ class MemoryBackend(Backend):
             found.extend(
                 name + "/"
                 for name in self._dirs
-                if name + "/" > after
-                and name.startswith(prefix)
-                and "/" not in name[len(prefix) :]
+                if name + "/" > after and name.startswith(prefix) and "/" not in name[len(prefix) :]
             )
         found.sort()
         page = [

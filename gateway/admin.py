@@ -4,6 +4,11 @@ tokens and role bindings.
 Rules (the seed's): a super admin manages tenants, users and service accounts; the user who
 creates a tenant gets its ADMIN role unless they are a super admin; a tenant's ADMIN manages
 its members; listing tenants shows only those the caller can access (a super admin sees all).
+
+Audit: a tenant's audit log (``gateway.audit``) is read by its ADMIN or a super admin; anyone
+else gets the 403 of a tenant that does not exist. The admin mutations of a tenant (creation,
+update, soft delete, restore, role grants and revocations) are recorded in its log once they
+pass authorization.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from typing import Any, Final
 from aiohttp import web
 
 from .access import ANONYMOUS, NO_ACCESS, Identity, identify, role_of
+from .audit import DEFAULT_LIMIT, MAX_LIMIT
 from .errors import BadRequest, Forbidden, NotFound
 from .files import read_json
+from .observability import AUDIT, note_identity, note_mutation
 from .registry import ROLES, Registry
 from .state import CONFIG, REGISTRY
 
@@ -28,8 +35,11 @@ def _registry(request: web.Request) -> Registry:
 async def _caller(request: web.Request) -> Identity:
     """Given a request, return its identity (everyone is a super admin with auth off)."""
     if not request.app[CONFIG]["auth.enabled"]:
-        return Identity("anonymous", ANONYMOUS.name, super_admin=True, can_create_tenants=True)
-    return await identify(request, _registry(request))
+        caller = Identity("anonymous", ANONYMOUS.name, super_admin=True, can_create_tenants=True)
+    else:
+        caller = await identify(request, _registry(request))
+    note_identity(request, caller)
+    return caller
 
 
 async def _super_admin(request: web.Request) -> Identity:
@@ -40,11 +50,11 @@ async def _super_admin(request: web.Request) -> Identity:
 
 
 def _field(body: dict[str, Any], name: str, kind: type, *, required: bool = True) -> Any:
-    value = body.get(name)
-    if value is None:
+    if name not in body:
         if required:
             raise BadRequest(f"{name}: required")
         return None
+    value = body[name]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise BadRequest(f"{name}: must be a {kind.__name__}")
     return value
@@ -84,6 +94,7 @@ async def create_tenant(request: web.Request) -> web.Response:
     tenant_id = _field(body, "id", str)
     name = _field(body, "name", str, required=False) or tenant_id
     deleted = _field(body, "deleted", bool, required=False) or False
+    note_mutation(request, tenant_id, "tenant.create", tenant_id)
     registry = _registry(request)
     tenant = await registry.create_tenant(tenant_id, name)
     if deleted:
@@ -137,6 +148,7 @@ async def update_tenant(request: web.Request) -> web.Response:
     snapshot = _registry(request).snapshot
     if not caller.super_admin and role_of(snapshot, caller, tenant_id) != "ADMIN":
         raise Forbidden(NO_ACCESS)
+    note_mutation(request, tenant_id, "tenant.update", tenant_id)
     tenant = await _registry(request).update_tenant(tenant_id, name=name, deleted=deleted)
     return web.json_response(tenant.to_json())
 
@@ -147,6 +159,7 @@ async def _set_deleted(request: web.Request, deleted: bool) -> web.Response:
     tenant_id = request.match_info["tenant"]
     if tenant_id not in _registry(request).snapshot.tenants:
         raise NotFound("no such tenant")
+    note_mutation(request, tenant_id, "tenant.delete" if deleted else "tenant.restore", tenant_id)
     tenant = await _registry(request).update_tenant(tenant_id, deleted=deleted)
     return web.json_response(tenant.to_json())
 
@@ -186,6 +199,7 @@ async def put_binding(request: web.Request) -> web.Response:
     if role not in ROLES:
         raise BadRequest(f"role: must be one of {', '.join(ROLES)}")
     await _may_manage_members(request, tenant)
+    note_mutation(request, tenant, f"binding.grant:{role}", f"{kind}/{subject}")
     binding = await _registry(request).grant(tenant, kind, subject, role)
     return web.json_response(binding.to_json())
 
@@ -195,8 +209,42 @@ async def delete_binding(request: web.Request) -> web.Response:
     body = await read_json(request)
     tenant, kind, subject = _binding_target(body)
     await _may_manage_members(request, tenant)
+    note_mutation(request, tenant, "binding.revoke", f"{kind}/{subject}")
     await _registry(request).revoke(tenant, kind, subject)
     return web.Response(status=204)
+
+
+# -- audit -------------------------------------------------------------------------------------
+
+
+async def _audit_page(request: web.Request, tenant: str | None) -> web.Response:
+    """Given a tenant the caller may audit, return a page of its audit log (oldest first)."""
+    caller = await _caller(request)
+    snapshot = _registry(request).snapshot
+    found = None if tenant is None else snapshot.tenants.get(tenant)
+    if caller.super_admin:
+        if tenant is not None and found is None:
+            raise NotFound("no such tenant")
+    elif (tenant is not None and (found is None or found.deleted)) or role_of(
+        snapshot, caller, tenant
+    ) != "ADMIN":
+        raise Forbidden(NO_ACCESS)  # the same answer as for a tenant that does not exist
+    value = request.query.get("limit")
+    if value is not None and not (value.isdigit() and 1 <= int(value) <= MAX_LIMIT):
+        raise BadRequest(f"limit must be an integer from 1 to {MAX_LIMIT}")
+    limit = DEFAULT_LIMIT if value is None else int(value)
+    records, cursor = await request.app[AUDIT].read(
+        tenant, limit, request.query.get("cursor") or None
+    )
+    return web.json_response({"records": records, "cursor": cursor})
+
+
+async def tenant_audit(request: web.Request) -> web.Response:
+    return await _audit_page(request, request.match_info["tenant"])
+
+
+async def null_tenant_audit(request: web.Request) -> web.Response:
+    return await _audit_page(request, None)
 
 
 # -- users, service accounts, tokens ---------------------------------------------------------
@@ -306,6 +354,8 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_put("/api/v1/tenants/{tenant}", update_tenant)
     router.add_delete("/api/v1/tenants/{tenant}", delete_tenant)
     router.add_post("/api/v1/tenants/{tenant}/restore", restore_tenant)
+    router.add_get("/api/v1/tenants/{tenant}/audit", tenant_audit)
+    router.add_get("/api/v1/audit", null_tenant_audit)
     router.add_get("/api/v1/bindings", list_bindings)
     router.add_put("/api/v1/bindings", put_binding)
     router.add_delete("/api/v1/bindings", delete_binding)

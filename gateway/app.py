@@ -1,6 +1,7 @@
 """The aiohttp application: ``create_app(config) -> web.Application``.
 
-A request for ``/api/v1/...`` goes: error middleware -> ``dispatch`` (the scope from the URL's
+A request for ``/api/v1/...`` goes: in-flight count -> observability (metrics, access log, audit
+record) -> error middleware -> ``dispatch`` (the scope from the URL's
 tenant segment as sent, the key decoded once from the request line) -> a handler of
 ``gateway.files``, whose first step is ``keys.resolve``.
 """
@@ -21,11 +22,13 @@ from aiohttp import web
 from backends.base import Backend
 from backends.registry import backend_class
 
-from . import admin, files, keys
+from . import admin, files, keys, observability
 from .access import Action, authorize, identify
+from .audit import AuditLog
 from .config import Config
 from .errors import Conflict, GatewayError, InsufficientStorage, NotFound, Unauthorized
 from .keys import Scope
+from .observability import AUDIT, METRICS, Metrics, metrics_handler, observability_middleware
 from .openapi import openapi_document
 from .registry import Registry
 from .state import BACKEND, CONFIG, IN_FLIGHT, REGISTRY, TENANCY, InFlight
@@ -51,6 +54,9 @@ ACTIONS: Final[Mapping[str, Mapping[str, tuple[Handler, Action]]]] = MappingProx
     }
 )
 API_PREFIX: Final = "/api/v1/"
+# The key may hold any character once decoded (even a newline, to be refused): match all.
+CATCH_ALL_PATTERN: Final = r"/api/v1/{tail:[\s\S]*}"
+CATCH_ALL: Final = "/api/v1/{tail}"
 READY_TIMEOUT: Final = 5.0
 
 
@@ -129,6 +135,20 @@ async def error_middleware(
         return response
 
 
+async def _refuse_other_method(request: web.Request) -> None:
+    """Raise 405 if a fixed route (the admin API) has this path but not this method.
+
+    The catch-all object route takes every method, so aiohttp's own 405 never fires for the
+    fixed routes registered before it (RFC 9110, 15.5.6: 405 with the Allow header).
+    """
+    for resource in request.app.router.resources():
+        if resource.canonical == CATCH_ALL:
+            continue
+        match, allowed = await resource.resolve(request)
+        if match is None and allowed:
+            raise web.HTTPMethodNotAllowed(request.method, sorted(allowed))
+
+
 async def dispatch(request: web.Request) -> web.StreamResponse:
     """Given ``/api/v1/[{tenant}/]{action}[/{key}]``, call the action's handler.
 
@@ -144,17 +164,25 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
     if rest[0] not in ACTIONS:
         raw_tenant, rest = rest[0], rest[1:]
     if not rest or rest[0] not in ACTIONS:
+        await _refuse_other_method(request)
         raise NotFound("no such route")
     methods = ACTIONS[rest[0]]
     if request.method not in methods:
         raise web.HTTPMethodNotAllowed(request.method, sorted(methods))
     handler, action = methods[request.method]
+    observability.note_route(request, rest[0], raw_tenant)
     registry = request.app[REGISTRY]
     tenancy = request.app[TENANCY]
     tenancy.check_mode(raw_tenant)
     identity = await identify(request, registry) if request.app[CONFIG]["auth.enabled"] else None
+    observability.note_identity(request, identity)
     scope = tenancy.scope(raw_tenant)
     authorize(registry.snapshot, identity, scope, action)
+    # Past authorization: a mutation is recorded in the tenant's audit log, whatever its answer.
+    mutation = observability.OBJECT_MUTATIONS.get((rest[0], request.method))
+    audited = None
+    if mutation is not None:
+        audited = observability.note_mutation(request, scope.tenant, mutation)
     tail = rest[1:]
     raw_key: str | None
     if tail:
@@ -163,6 +191,8 @@ async def dispatch(request: web.Request) -> web.StreamResponse:
         raw_key = keys.parse_uri(request.query["uri"])
     else:
         raw_key = None
+    if audited is not None and raw_key is not None:
+        audited.key = raw_key
     return await handler(request, scope, raw_key)
 
 
@@ -228,12 +258,17 @@ async def start_registry(registry: Registry, config: Config) -> None:
 
 def create_app(config: Config, backend: Backend | None = None) -> web.Application:
     """Given a checked configuration (and optionally a backend), return the application."""
-    app = web.Application(middlewares=[in_flight_middleware, error_middleware])
+    app = web.Application(
+        middlewares=[in_flight_middleware, observability_middleware, error_middleware]
+    )
+    observability.install_log_filters()
     app[IN_FLIGHT] = InFlight()
+    app[METRICS] = Metrics()
     app[CONFIG] = config
     app[BACKEND] = backend if backend is not None else make_backend(config)
     app[TENANCY] = Tenancy(config)
     app[REGISTRY] = Registry(app[BACKEND], refresh_interval=config["auth.cache-seconds"])
+    app[AUDIT] = AuditLog(app[BACKEND])
 
     async def storage(app: web.Application) -> AsyncIterator[None]:
         await app[BACKEND].start()
@@ -241,6 +276,7 @@ def create_app(config: Config, backend: Backend | None = None) -> web.Applicatio
             await start_registry(app[REGISTRY], config)
             yield
         finally:
+            await app[AUDIT].close()  # the records of the last requests, before the store goes
             await app[REGISTRY].close()
             await app[BACKEND].close()
 
@@ -248,7 +284,7 @@ def create_app(config: Config, backend: Backend | None = None) -> web.Applicatio
     app.router.add_get("/health/live", health_live)
     app.router.add_get("/health/ready", health_ready)
     app.router.add_get("/openapi.json", openapi)
+    app.router.add_get("/metrics", metrics_handler)
     admin.add_routes(app.router)  # before the catch-all: these words are reserved tenant ids
-    # The key may hold any character once decoded (even a newline, to be refused): match all.
-    app.router.add_route("*", r"/api/v1/{tail:[\s\S]*}", dispatch)
+    app.router.add_route("*", CATCH_ALL_PATTERN, dispatch)
     return app

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 import sys
 
@@ -88,8 +87,9 @@ def serve(
 ) -> None:
     """Serve the gateway until SIGTERM or Ctrl-C (in-flight requests finish or abort cleanly)."""
     from .app import create_app
+    from .observability import configure_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging()  # text lines, and the access log as JSON lines, on stderr
     try:
         config = load(
             config_path,

@@ -31,6 +31,7 @@ from .errors import (
     PreconditionFailed,
 )
 from .keys import Scope
+from .observability import note_key
 from .state import BACKEND, CONFIG
 
 META_PREFIX: Final = "x-meta-"
@@ -277,11 +278,11 @@ def _int_param(request: web.Request, name: str, default: int, low: int, high: in
 
 
 def _flag(request: web.Request, name: str) -> bool:
-    value = request.query.get(name, "false").lower()
-    if value in {"", "true", "1", "yes"}:
-        return True
-    if value in {"false", "0", "no"}:
-        return False
+    # Exactly the two spellings of an OpenAPI boolean: a flag that deletes a whole directory
+    # is not guessed from "", "1" or "yes".
+    value = request.query.get(name, "false")
+    if value in {"true", "false"}:
+        return value == "true"
     raise BadRequest(f"{name} must be true or false")
 
 
@@ -368,6 +369,7 @@ async def move(request: web.Request, scope: Scope, raw_key: str | None) -> web.R
     body = await read_json(request)
     src = keys.resolve(scope, _key_or_uri(body.get("from"), "from"))
     dst = keys.resolve(scope, _key_or_uri(body.get("to"), "to"))
+    note_key(request, f"{keys.unresolve(scope, src)} -> {keys.unresolve(scope, dst)}")
     if dst == src or dst.startswith(src + "/"):
         raise BadRequest("a file or directory cannot be moved onto or into itself")
     try:

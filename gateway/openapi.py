@@ -258,6 +258,14 @@ _STR: Final = {"type": "string"}
 _BOOL: Final = {"type": "boolean"}
 
 
+_AUDIT_PARAMS: Final = [
+    {"name": "limit", "in": "query", "required": False,
+     "schema": {"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}},
+    {"name": "cursor", "in": "query", "required": False,
+     "description": "The `cursor` of the previous page.", "schema": {"type": "string"}},
+]  # fmt: skip
+
+
 def _admin_paths() -> dict[str, Any]:
     tenant_body = _obj(["id"], id=_STR, name=_STR, deleted=_BOOL)
     binding_target = _obj(
@@ -291,6 +299,18 @@ def _admin_paths() -> dict[str, Any]:
             "parameters": tenant_id,
             "post": _op("Restore a soft-deleted tenant (super admin).", 200, _ref("Tenant"),
                         401, 403, 404),
+        },
+        "/api/v1/tenants/{tenant}/audit": {
+            "parameters": tenant_id,
+            "get": {**_op("The tenant's audit log, oldest first (its ADMIN or a super admin; "
+                          "anyone else: the 403 of a tenant that does not exist).", 200,
+                          _ref("AuditPage"), 400, 401, 403, 404),
+                    "parameters": _AUDIT_PARAMS},
+        },
+        "/api/v1/audit": {
+            "get": {**_op("The null tenant's audit log, oldest first (its ADMIN or a super "
+                          "admin).", 200, _ref("AuditPage"), 400, 401, 403),
+                    "parameters": _AUDIT_PARAMS},
         },
         "/api/v1/bindings": {
             "get": {**_op("Role bindings of a tenant (its ADMIN or a super admin).", 200,
@@ -370,6 +390,18 @@ def openapi_document() -> dict[str, Any]:
             "responses": {"200": _json({"type": "object"}, "Up.")},
         }
     }
+    paths["/metrics"] = {
+        "get": {
+            "summary": "Prometheus metrics, text exposition (a super admin when auth is on).",
+            "responses": {
+                "200": {
+                    "description": "Per-tenant request, latency and byte counters.",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                },
+                **_errors(401, 403),
+            },
+        }
+    }
     paths["/health/ready"] = {
         "get": {
             "summary": "The storage answers.",
@@ -443,6 +475,33 @@ def openapi_document() -> dict[str, Any]:
                     created=_STR,
                     updated=_STR,
                 ),
+                "AuditRecord": {
+                    "type": "object",
+                    "required": ["time", "tenant", "identity", "action", "key", "status"],
+                    "properties": {
+                        "time": {"type": "string", "format": "date-time"},
+                        "tenant": {"type": "string", "nullable": True},
+                        "identity": {
+                            "type": "object",
+                            "nullable": True,
+                            "properties": {"kind": {"type": "string"}, "name": {"type": "string"}},
+                        },
+                        "action": {"type": "string", "example": "file.write"},
+                        "key": {"type": "string", "nullable": True},
+                        "status": {"type": "integer"},
+                    },
+                },
+                "AuditPage": {
+                    "type": "object",
+                    "required": ["records", "cursor"],
+                    "properties": {
+                        "records": {
+                            "type": "array",
+                            "items": {"$ref": "#/components/schemas/AuditRecord"},
+                        },
+                        "cursor": {"type": "string", "nullable": True},
+                    },
+                },
                 "Listing": {
                     "type": "object",
                     "required": ["entries", "cursor"],

@@ -178,6 +178,11 @@ tenant.restore @acme        401  401  401  401  401  403  403  403  403  200  40
 tenant.restore @other       401  401  401  401  401  403  403  403  403  200  403  403
 tenant.restore @gone        401  401  401  401  401  403  403  403  403  200  403  403
 tenant.restore @nosuch      401  401  401  401  401  403  403  403  403  404  403  403
+audit.get @acme             401  401  401  401  401  403  403  200  403  200  403  403
+audit.get @other            401  401  401  401  401  403  403  403  200  200  403  403
+audit.get @gone             401  401  401  401  401  403  403  403  403  200  403  403
+audit.get @nosuch           401  401  401  401  401  403  403  403  403  404  403  403
+audit.null                  401  401  401  401  401  403  403  200  403  200  403  403
 bindings.list @acme         401  401  401  401  401  403  403  200  403  200  403  403
 bindings.list @null         401  401  401  401  401  403  403  200  403  200  403  403
 bindings.list @other        401  401  401  401  401  403  403  403  200  200  403  403
@@ -884,6 +889,12 @@ KINDS: Final[Mapping[str, Kind]] = {
         lambda c, t: Call("POST", f"/api/v1/tenants/{t}/restore"),
         after_allowed=_deleted_is(False),
     ),
+    # audit logs: the tenant's ADMIN or a super admin
+    "audit.get": Kind(
+        ("GET", "/api/v1/tenants/{tenant}/audit"),
+        lambda c, t: Call("GET", f"/api/v1/tenants/{t}/audit"),
+    ),
+    "audit.null": Kind(("GET", "/api/v1/audit"), lambda c, t: Call("GET", "/api/v1/audit")),
     # bindings
     "bindings.list": Kind(("GET", "/api/v1/bindings"), lambda c, t: Call("GET", _tenants_query(t))),
     "bindings.put": Kind(

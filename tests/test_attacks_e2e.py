@@ -636,12 +636,19 @@ class Storage:
         return result
 
 
+# The gateway's own audit records (gateway.audit), written for every mutation: only these
+# exact names, so a key that escaped into the system prefix is still reported.
+AUDIT_RECORD: Final = re.compile(
+    r"\.gateway/audit(/(~|[a-z0-9][a-z0-9_-]{0,62})(/[0-9]{20}-[0-9a-f]{12}\.json)?)?"
+)
+
+
 def storage_changes(before: Snapshot, after: Snapshot) -> list[tuple[str, str]]:
     changes = [
         (k, "new" if k not in before else "changed") for k in after if before.get(k) != after[k]
     ]
     changes += [(k, "removed") for k in before if k not in after]
-    return changes
+    return [(k, change) for k, change in changes if not AUDIT_RECORD.fullmatch(k)]
 
 
 # ==============================================================================================

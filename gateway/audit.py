@@ -1,0 +1,275 @@
+"""The per-tenant audit log: who changed what, when, and what the gateway answered.
+
+Records are written in batches (group commit): one JSON-lines document per tenant and batch,
+in the gateway's own storage under the system prefix, created with a create-only write
+(``exclusive=True``) so replicas over one store never overwrite each other::
+
+    .gateway/audit/<tenant id, or "~" for the null tenant>/<time_ns:020d>-<random>.json
+        {"time": ..., "tenant": ..., "identity": {"kind": ..., "name": ...},
+         "action": ..., "key": ..., "status": ...}      <- one line per record
+
+What is recorded: every mutation (upload, delete, make directory, move; tenant update, soft
+delete, restore, creation; role grants and revocations) that *passed authorization* on a tenant
+that exists, whatever its outcome (2xx, 4xx such as 404/409/412, 5xx). A request refused by
+authentication or authorization (401/403) is not recorded: such a caller must not be able to
+make the gateway write to the store (the access log and the metrics show them). Mutations of
+users, service accounts and tokens belong to no tenant and are not recorded here.
+
+A record is queued after the response is decided; one background task writes what is queued
+for each tenant as one document, at most ``CONCURRENCY`` documents at once, so a burst of
+mutations costs a few writes, not one each, and nothing is dropped short of ``MAX_PENDING``
+queued records (a store that has stopped answering). The request waits at most
+``WAIT_BEFORE_RESPONSE`` seconds for its batch, so on a healthy store a client that reads the
+audit log right after its change sees it. Shutdown flushes what is queued.
+
+Reading: oldest first, a page at a time; the cursor names a document and how many of its
+records were already returned.
+There is no retention yet: records are kept until deleted from the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from backends.base import SYSTEM_PREFIX, Backend
+
+from .errors import BadRequest
+
+log = logging.getLogger("gateway.audit")
+
+AUDIT_PREFIX: Final = f"{SYSTEM_PREFIX}/audit"
+NULL_TENANT_SEGMENT: Final = "~"  # outside the tenant-id grammar: no tenant can collide
+CONCURRENCY: Final = 8
+MAX_PENDING: Final = 100_000
+MAX_BATCH: Final = 1000
+WAIT_BEFORE_RESPONSE: Final = 0.5
+FLUSH_TIMEOUT: Final = 10.0
+MAX_KEY_CHARS: Final = 1024
+MAX_DOCUMENT_BYTES: Final = 8 * 1024 * 1024
+DEFAULT_LIMIT: Final = 100
+MAX_LIMIT: Final = 1000
+_READ_CONCURRENCY: Final = 16
+_RECORD_NAME: Final = re.compile(r"[0-9]{20}-[0-9a-f]{12}\.json")
+_CURSOR: Final = re.compile(r"([0-9]{20}-[0-9a-f]{12}\.json)(?:~([0-9]{1,4}))?")
+
+
+@dataclass(slots=True)
+class Pending:
+    """A mutation that passed authorization; the middleware adds the status and writes it."""
+
+    tenant: str | None
+    action: str
+    key: str | None = None
+
+
+def folder(tenant: str | None) -> str:
+    return f"{AUDIT_PREFIX}/{NULL_TENANT_SEGMENT if tenant is None else tenant}"
+
+
+def _iso(time_ns: int) -> str:
+    moment = datetime.fromtimestamp(time_ns / 1e9, UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def make_record(
+    pending: Pending, identity: dict[str, str] | None, status: int, time_ns: int
+) -> dict[str, Any]:
+    key = pending.key
+    if key is not None and len(key) > MAX_KEY_CHARS:
+        key = key[:MAX_KEY_CHARS] + "…"
+    return {
+        "time": _iso(time_ns),
+        "tenant": pending.tenant,
+        "identity": identity,
+        "action": pending.action,
+        "key": key,
+        "status": status,
+    }
+
+
+async def _one(data: bytes) -> AsyncIterator[bytes]:
+    yield data
+
+
+class AuditLog:
+    """Queues records, writes them a batch per tenant in the background, reads them back."""
+
+    def __init__(self, backend: Backend) -> None:
+        self._backend = backend
+        self._queues: dict[str | None, list[tuple[bytes, int, asyncio.Future[bool]]]] = {}
+        self._queued = 0
+        self._writer: asyncio.Task[None] | None = None
+        self._semaphore = asyncio.Semaphore(CONCURRENCY)
+        self._writes: set[asyncio.Task[None]] = set()
+        self.failures = 0
+        self.dropped = 0
+
+    @property
+    def pending(self) -> int:
+        return self._queued
+
+    def submit(
+        self, tenant: str | None, record: dict[str, Any], time_ns: int
+    ) -> asyncio.Future[bool] | None:
+        """Queue ``record`` for ``tenant``'s log; return a future (``True``: written), or
+        ``None`` if it was dropped (``MAX_PENDING`` records already queued)."""
+        if self._queued >= MAX_PENDING:
+            self.dropped += 1
+            log.warning("audit log backlog full (%d queued): a record was dropped", MAX_PENDING)
+            return None
+        data = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queues.setdefault(tenant, []).append((data, time_ns, done))
+        self._queued += 1
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._run(), name="audit-writer")
+        return done
+
+    async def _run(self) -> None:
+        while self._queued:
+            for tenant in list(self._queues):
+                batch = self._queues[tenant][:MAX_BATCH]
+                del self._queues[tenant][: len(batch)]
+                if not self._queues[tenant]:
+                    del self._queues[tenant]
+                self._queued -= len(batch)
+                await self._semaphore.acquire()
+                task = asyncio.create_task(self._write(tenant, batch), name="audit-write")
+                self._writes.add(task)
+                task.add_done_callback(self._writes.discard)
+            if not self._queued:
+                await asyncio.sleep(0)  # let requests of this burst join the next batch
+
+    async def _write(
+        self, tenant: str | None, batch: list[tuple[bytes, int, asyncio.Future[bool]]]
+    ) -> None:
+        data = b"\n".join(item[0] for item in batch) + b"\n"
+        written = False
+        try:
+            for attempt in range(3):
+                stamp = batch[0][1] + attempt
+                key = f"{folder(tenant)}/{stamp:020d}-{secrets.token_hex(6)}.json"
+                try:
+                    await self._backend.write(
+                        key, _one(data), content_type="application/x-ndjson", exclusive=True
+                    )
+                except FileExistsError:
+                    continue
+                written = True
+                break
+            else:
+                raise FileExistsError("could not name an audit document")
+        except asyncio.CancelledError:
+            self.failures += len(batch)
+            log.warning("%d audit record(s) of tenant %r abandoned at shutdown", len(batch), tenant)
+            raise
+        except Exception as exc:
+            self.failures += len(batch)
+            log.warning(
+                "%d audit record(s) of tenant %r not written: %s",
+                len(batch), tenant, type(exc).__name__,
+            )  # fmt: skip
+        finally:
+            self._semaphore.release()
+            for _, _, done in batch:
+                if not done.done():
+                    done.set_result(written)
+
+    async def flush(self, timeout: float = FLUSH_TIMEOUT) -> bool:
+        """Wait until everything queued is written, at most ``timeout`` seconds; say if it was."""
+        waiting = [done for queue in self._queues.values() for _, _, done in queue]
+        tasks: list[asyncio.Future[Any]] = [*waiting, *self._writes]
+        if self._writer is not None and not self._writer.done():
+            tasks.append(self._writer)
+        if not tasks:
+            return True
+        _done, pending = await asyncio.wait(tasks, timeout=timeout)
+        return not pending and not self._writes
+
+    async def close(self, timeout: float = FLUSH_TIMEOUT) -> None:
+        """Flush, then abandon (and log) what the store did not take in time."""
+        if not await self.flush(timeout):
+            for task in [*self._writes, *([self._writer] if self._writer else [])]:
+                task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*self._writes, return_exceptions=True)
+
+    async def read(
+        self, tenant: str | None, limit: int = DEFAULT_LIMIT, cursor: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Given a tenant, return a page of its records (oldest first) and the next cursor.
+
+        A cursor is ``<document>~<records of it already returned>``.
+        """
+        skip = 0
+        start_after = None
+        base = folder(tenant)
+        if cursor is not None:
+            match = _CURSOR.fullmatch(cursor)
+            if match is None:
+                raise BadRequest("the cursor is not one this gateway gave")
+            skip = int(match[2] or 0)
+            # Names have one length: the name without ".json" sorts just before the name.
+            start_after = f"{base}/{match[1][:-5]}" if skip else f"{base}/{match[1]}"
+        try:
+            page = await self._backend.list(
+                base, recursive=True, limit=limit, start_after=start_after
+            )
+        except (FileNotFoundError, NotADirectoryError):
+            return [], None
+        names = [entry.name for entry in page.entries if not entry.is_dir]
+        semaphore = asyncio.Semaphore(_READ_CONCURRENCY)
+
+        async def read_one(name: str) -> list[dict[str, Any]]:
+            async with semaphore:
+                return await self._read_document(name)
+
+        documents = await asyncio.gather(*(read_one(name) for name in names))
+        records: list[dict[str, Any]] = []
+        for index, (name, found) in enumerate(zip(names, documents, strict=True)):
+            found = found[skip:] if index == 0 else found
+            room = limit - len(records)
+            if len(found) > room:
+                done = (skip if index == 0 else 0) + room
+                records += found[:room]
+                return records, f"{name.rsplit('/', 1)[-1]}~{done}"
+            records += found
+        next_cursor = None
+        if page.next_cursor is not None and names:
+            next_cursor = names[-1].rsplit("/", 1)[-1]
+        return records, next_cursor
+
+    async def _read_document(self, name: str) -> list[dict[str, Any]]:
+        try:
+            reader = await self._backend.open_read(name)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return []
+        async with reader:
+            if reader.info.size > MAX_DOCUMENT_BYTES:
+                log.warning("audit document %s is too large; skipped", name)
+                return []
+            data = b"".join([chunk async for chunk in reader.chunks()])
+        records = []
+        for line in data.splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                log.warning("a line of audit document %s is not JSON; skipped", name)
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
+
+
+def now_ns() -> int:
+    return time.time_ns()
