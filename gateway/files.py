@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import hashlib
 import json
+import logging
 import re
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
@@ -18,7 +20,15 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from backends.base import DIRECTORY, MAX_METADATA_BYTES, Backend, Info, Page, metadata_size
+from backends.base import (
+    DIRECTORY,
+    MAX_METADATA_BYTES,
+    Backend,
+    Info,
+    Page,
+    Reader,
+    metadata_size,
+)
 
 from . import keys
 from .conditional import NOT_MODIFIED, evaluate, http_date, quote_etag, select_range
@@ -29,10 +39,13 @@ from .errors import (
     InvalidKey,
     PayloadTooLarge,
     PreconditionFailed,
+    StorageUnavailable,
 )
 from .keys import Scope
 from .observability import note_key
 from .state import BACKEND, CONFIG
+
+log = logging.getLogger("gateway")
 
 META_PREFIX: Final = "x-meta-"
 _META_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,127}")
@@ -209,31 +222,69 @@ def _object_headers(info: Info) -> dict[str, str]:
     return headers
 
 
+# Times a download re-opens an object that was replaced between its HEAD and its first byte.
+OPEN_ATTEMPTS: Final = 3
+
+
 async def get_file(request: web.Request, scope: Scope, raw_key: str | None) -> web.StreamResponse:
     physical = _key(scope, raw_key)
-    reader = await _backend(request).open_read(physical)
+    for attempt in range(OPEN_ATTEMPTS):
+        reader = await _backend(request).open_read(physical)
+        try:
+            return await _send(request, physical, reader)
+        except _Replaced:
+            if attempt == OPEN_ATTEMPTS - 1:
+                raise StorageUnavailable("the object kept changing while being read") from None
+        finally:
+            await reader.close()
+    raise AssertionError("unreachable")
+
+
+class _Replaced(Exception):
+    """The object changed between its metadata and its first byte (S3 pins reads by ETag)."""
+
+
+async def _send(request: web.Request, physical: str, reader: Reader) -> web.StreamResponse:
+    """Answer with the object ``reader`` holds; raise ``_Replaced`` before any byte is sent."""
+    info = reader.info
+    headers = _object_headers(info)
+    name = physical.rsplit("/", 1)[-1]
+    headers["Content-Disposition"] = "attachment; filename*=UTF-8''" + quote(name, safe="")
+    if evaluate(request.headers, info) == NOT_MODIFIED:
+        keep = ("ETag", "Last-Modified")
+        return web.Response(status=304, headers={k: headers[k] for k in keep if k in headers})
+    byte_range = select_range(request.headers, info)
+    start, end = (0, info.size) if byte_range is None else (byte_range.start, byte_range.end)
+    response = web.StreamResponse(status=200 if byte_range is None else 206, headers=headers)
+    if byte_range is not None:
+        response.headers["Content-Range"] = byte_range.content_range(info.size)
+    response.content_length = end - start
+    chunks = reader.chunks(start, end) if request.method != "HEAD" and end > start else None
+    first = b""
+    if chunks is not None:
+        # The first byte is fetched before the status line is sent: a store failing here
+        # still gets an honest error answer (or a retry, if the object was replaced).
+        try:
+            first = await anext(chunks)
+        except ConnectionError as exc:
+            if exc.errno == errno.EAGAIN:  # the backend's "replaced since opened"
+                raise _Replaced from exc
+            raise
+    await response.prepare(request)
     try:
-        info = reader.info
-        headers = _object_headers(info)
-        name = physical.rsplit("/", 1)[-1]
-        headers["Content-Disposition"] = "attachment; filename*=UTF-8''" + quote(name, safe="")
-        if evaluate(request.headers, info) == NOT_MODIFIED:
-            keep = ("ETag", "Last-Modified")
-            return web.Response(status=304, headers={k: headers[k] for k in keep if k in headers})
-        byte_range = select_range(request.headers, info)
-        start, end = (0, info.size) if byte_range is None else (byte_range.start, byte_range.end)
-        response = web.StreamResponse(status=200 if byte_range is None else 206, headers=headers)
-        if byte_range is not None:
-            response.headers["Content-Range"] = byte_range.content_range(info.size)
-        response.content_length = end - start
-        await response.prepare(request)
-        if request.method != "HEAD":
-            async for chunk in reader.chunks(start, end):
+        if chunks is not None:
+            await response.write(first)
+            async for chunk in chunks:
                 await response.write(chunk)
-        await response.write_eof()
+    except (OSError, ValueError) as exc:
+        # The status line is out: the only honest signal left is to cut the connection,
+        # so the client sees a short body instead of a well-formed lie (RFC 9112, 9.6).
+        log.warning("download of %s broke after its headers: %r", request.path, exc)
+        if request.transport is not None:
+            request.transport.abort()
         return response
-    finally:
-        await reader.close()
+    await response.write_eof()
+    return response
 
 
 # -- metadata, listing, directories, delete, move ------------------------------------------

@@ -164,13 +164,6 @@ def test_concurrent_overwrites_local(tmp_path: Path) -> None:
     assert [p.relative_to(base).as_posix() for p in objects] == [KEY]
 
 
-@pytest.mark.xfail(
-    reason="bug: on S3 a GET that loses the race with an overwrite (HEAD, then GET If-Match)"
-    " has already sent 200 and Content-Length; the 412 then leaves the client waiting for"
-    " bytes that never come, on a connection that stays open. Remove once fixed.",
-    raises=AssertionError,
-    strict=False,
-)
 def test_concurrent_overwrites_s3(moto_server: MotoServer) -> None:
     from tests.support.moto import ACCESS_KEY, REGION, SECRET_KEY, make_bucket
 
