@@ -31,7 +31,7 @@ from .keys import Scope
 from .observability import AUDIT, METRICS, Metrics, metrics_handler, observability_middleware
 from .openapi import openapi_document
 from .registry import Registry
-from .state import BACKEND, CONFIG, IN_FLIGHT, REGISTRY, TENANCY, InFlight
+from .state import BACKEND, CONFIG, IN_FLIGHT, REGISTRY, STARTED, TENANCY, InFlight
 from .tenancy import Tenancy
 
 log = logging.getLogger("gateway")
@@ -58,6 +58,9 @@ API_PREFIX: Final = "/api/v1/"
 CATCH_ALL_PATTERN: Final = r"/api/v1/{tail:[\s\S]*}"
 CATCH_ALL: Final = "/api/v1/{tail}"
 READY_TIMEOUT: Final = 5.0
+START_WAIT: Final = 5.0  # seconds start-up waits for the store before serving regardless
+RETRY_MAX: Final = 5.0  # longest pause between attempts to reach the store
+ALWAYS_SERVED: Final = frozenset({"/health/live", "/health/ready", "/openapi.json", "/metrics"})
 
 
 def _error(
@@ -201,6 +204,8 @@ async def health_live(request: web.Request) -> web.Response:
 
 
 async def health_ready(request: web.Request) -> web.Response:
+    if not request.app[STARTED].is_set():
+        return _error(503, "storage_unavailable", "the storage is not reachable yet")
     try:
         await asyncio.wait_for(request.app[BACKEND].ready(), READY_TIMEOUT)
     except (OSError, TimeoutError) as exc:
@@ -256,10 +261,43 @@ async def start_registry(registry: Registry, config: Config) -> None:
         )
 
 
+async def _start_storage(app: web.Application, config: Config) -> None:
+    """Start the backend and the registry, retrying while the store does not answer."""
+    delay = 0.5
+    backend_started = False
+    while True:
+        try:
+            if not backend_started:
+                await app[BACKEND].start()
+                backend_started = True
+            await start_registry(app[REGISTRY], config)
+        except OSError as exc:
+            log.warning("storage not ready (%s); retrying in %.0f s", type(exc).__name__, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_MAX)
+            continue
+        app[STARTED].set()
+        return
+
+
+@web.middleware
+async def started_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    if not request.app[STARTED].is_set() and request.path not in ALWAYS_SERVED:
+        return _error(503, "storage_unavailable", "the storage is not ready yet; try again")
+    return await handler(request)
+
+
 def create_app(config: Config, backend: Backend | None = None) -> web.Application:
     """Given a checked configuration (and optionally a backend), return the application."""
     app = web.Application(
-        middlewares=[in_flight_middleware, observability_middleware, error_middleware]
+        middlewares=[
+            in_flight_middleware,
+            observability_middleware,
+            started_middleware,
+            error_middleware,
+        ]
     )
     observability.install_log_filters()
     app[IN_FLIGHT] = InFlight()
@@ -270,12 +308,24 @@ def create_app(config: Config, backend: Backend | None = None) -> web.Applicatio
     app[REGISTRY] = Registry(app[BACKEND], refresh_interval=config["auth.cache-seconds"])
     app[AUDIT] = AuditLog(app[BACKEND])
 
+    app[STARTED] = asyncio.Event()
+
     async def storage(app: web.Application) -> AsyncIterator[None]:
-        await app[BACKEND].start()
+        # A store that does not answer yet (MinIO still starting, a bucket made by a job) is
+        # waited for in the background: the process serves /health/live, answers 503
+        # elsewhere and keeps trying, rather than exiting into a crash loop. A configuration
+        # the backend refuses (ValueError) still stops the start at once.
+        starting = asyncio.create_task(_start_storage(app, config), name="storage-start")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(starting), START_WAIT)
+        if starting.done() and starting.exception() is not None:
+            raise starting.exception()  # type: ignore[misc]
         try:
-            await start_registry(app[REGISTRY], config)
             yield
         finally:
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await starting
             await app[AUDIT].close()  # the records of the last requests, before the store goes
             await app[REGISTRY].close()
             await app[BACKEND].close()

@@ -144,6 +144,12 @@ OPTIONS: Final = MappingProxyType(
                 "Seconds SIGTERM waits for in-flight requests before aborting them.",
             ),
             Option(
+                "server.read-timeout",
+                60.0,
+                _to_positive,
+                "Seconds an upload may send nothing before it is aborted (408, nothing stored).",
+            ),
+            Option(
                 "limits.max-object-size",
                 "5TiB",
                 _to_size,

@@ -17,6 +17,7 @@ Tree::
     ├── NotFound (404 not_found)
     │   └── TenantNotFound (404 tenant_not_found)
     ├── MethodNotAllowed (405 method_not_allowed)
+    ├── RequestTimeout (408 request_timeout)        a client stopped sending its body
     ├── Conflict (409 conflict)
     ├── PreconditionFailed (412 precondition_failed)
     ├── PayloadTooLarge (413 payload_too_large)
@@ -80,6 +81,11 @@ class TenantNotFound(NotFound):
 class MethodNotAllowed(GatewayError):
     status = 405
     code = "method_not_allowed"
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    code = "request_timeout"
 
 
 class Conflict(GatewayError):

@@ -7,6 +7,7 @@ given to the backend. Every key an answer shows comes back through ``keys.unreso
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import errno
@@ -39,6 +40,7 @@ from .errors import (
     InvalidKey,
     PayloadTooLarge,
     PreconditionFailed,
+    RequestTimeout,
     StorageUnavailable,
 )
 from .keys import Scope
@@ -142,9 +144,10 @@ def _digest_header(headers: Mapping[str, str], name: str, size: int) -> bytes | 
 class _Body:
     """The request body as chunks, counted, size-bounded and hashed as it streams."""
 
-    def __init__(self, request: web.Request, max_size: int) -> None:
+    def __init__(self, request: web.Request, max_size: int, read_timeout: float) -> None:
         self.request = request
         self.max_size = max_size
+        self.read_timeout = read_timeout
         self.md5 = _digest_header(request.headers, "Content-MD5", 16)
         self.sha256 = _digest_header(request.headers, "X-Checksum-Sha256", 32)
 
@@ -152,7 +155,19 @@ class _Body:
         md5 = hashlib.md5(usedforsecurity=False) if self.md5 is not None else None
         sha = hashlib.sha256() if self.sha256 is not None else None
         size = 0
-        async for chunk in self.request.content.iter_any():
+        content = self.request.content
+        while True:
+            # A client that stops sending must not hold a temporary file (or a multipart
+            # upload) and a connection forever: each wait for body bytes is bounded.
+            try:
+                async with asyncio.timeout(self.read_timeout):
+                    chunk = await content.readany()
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"no body bytes for {self.read_timeout:g} s; nothing was stored"
+                ) from None
+            if not chunk:
+                break
             size += len(chunk)
             if size > self.max_size:
                 raise PayloadTooLarge(f"an object is limited to {self.max_size} bytes")
@@ -182,7 +197,7 @@ async def put_file(request: web.Request, scope: Scope, raw_key: str | None) -> w
     content_type = headers.get("Content-Type")
     if content_type is not None and not _CONTENT_TYPE.fullmatch(content_type):
         raise BadRequest("Content-Type is not a valid media type")
-    body = _Body(request, max_size)
+    body = _Body(request, max_size, request.app[CONFIG]["server.read-timeout"])
     try:
         info = await _backend(request).write(
             physical,

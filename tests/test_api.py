@@ -469,3 +469,21 @@ async def test_health_endpoints(client: Client) -> None:
     ready = await client.get("/health/ready")
     assert ready.status == 200
     assert json.loads(await ready.text()) == {"status": "ok"}
+
+
+async def test_upload_that_stops_sending_times_out_with_408_and_stores_nothing(
+    make_client: MakeClient,
+) -> None:
+    import asyncio
+
+    client = await make_client(**{"server.read-timeout": 0.3})
+
+    async def stalls() -> Any:
+        yield b"first bytes"
+        await asyncio.sleep(2)
+        yield b"too late"
+
+    response = await client.put("/api/v1/acme/files/slow", data=stalls())
+    assert response.status == 408
+    assert (await response.json())["error"] == "request_timeout"
+    assert (await client.get("/api/v1/acme/files/slow")).status == 404

@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -103,3 +104,45 @@ def test_python_dash_m_gateway_prints_its_version() -> None:
         [sys.executable, "-m", "gateway", "--version"], capture_output=True, text=True, check=True
     )
     assert "gateway, version" in result.stdout
+
+
+def test_s3_unreachable_at_start_keeps_trying_then_serves(tmp_path: Path) -> None:
+    """No crash loop: /health/live answers, /health/ready says 503 until the store answers."""
+    from tests.support.moto import MotoServer, make_bucket
+
+    moto = MotoServer()
+    endpoint = moto.start()
+    try:
+        config = {
+            "storage.type": "s3",
+            "storage.s3.bucket": "late-bucket",  # made only after the gateway started
+            "storage.s3.endpoint": endpoint,
+            "storage.s3.region": "us-east-1",
+            "storage.s3.access-key": "testing",
+            "storage.s3.secret-key": "testing",
+            "storage.s3.force-path-style": True,
+            "auth.enabled": False,
+        }
+        # Started before its bucket exists: it must come up (live), not ready, and not exit.
+        gateway = GatewayProcess(config, ready_path="/health/live")
+        process_url = gateway.start()
+        assert _status_of(process_url + "/health/live") == 200
+        assert _status_of(process_url + "/health/ready") == 503
+        assert _status_of(process_url + "/api/v1/files/x") == 503
+        make_bucket(endpoint, "late-bucket")
+        deadline = time.monotonic() + 30
+        while _status_of(process_url + "/health/ready") != 200:
+            assert time.monotonic() < deadline, gateway.log_text()[-2000:]
+            time.sleep(0.2)
+        assert gateway.process is not None and gateway.process.poll() is None
+        gateway.stop()
+    finally:
+        moto.stop()
+
+
+def _status_of(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return int(error.code)

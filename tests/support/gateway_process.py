@@ -118,11 +118,13 @@ class GatewayProcess:
         workdir: str | os.PathLike[str] | None = None,
         args: Sequence[str] = (),
         start_timeout: float = START_TIMEOUT,
+        ready_path: str = "/health/ready",
     ) -> None:
         self.config = nested(config)
         self.args = list(args)
         self.extra_env = dict(env or {})
         self.start_timeout = start_timeout
+        self.ready_path = ready_path
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else None
         self.process: subprocess.Popen[bytes] | None = None
@@ -228,7 +230,7 @@ class GatewayProcess:
             if self.process.poll() is not None:
                 return False
             try:
-                with _OPENER.open(f"{url}/health/ready", timeout=2) as response:
+                with _OPENER.open(f"{url}{self.ready_path}", timeout=2) as response:
                     if response.status == 200:
                         return True
             except (urllib.error.URLError, OSError):
