@@ -26,6 +26,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
         403: "No access (the same answer whether or not the tenant exists).",
         404: "No such object, tenant or route.",
         405: "Method not allowed.",
+        408: "The client stopped sending its body (server.read-timeout); nothing was stored.",
         409: "A file or directory is in the way.",
         412: "A precondition failed.",
         413: "The body is larger than limits.max-object-size.",
@@ -120,7 +121,7 @@ def _object_ops() -> dict[str, Any]:
             },
             "responses": {
                 "201": _json({"$ref": "#/components/schemas/Stored"}, "Stored."),
-                **_errors(400, 403, 404, 409, 412, 413, 503, 507),
+                **_errors(400, 403, 404, 408, 409, 412, 413, 503, 507),
             },
         },
         "delete": {
