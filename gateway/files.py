@@ -291,7 +291,7 @@ async def _send(request: web.Request, physical: str, reader: Reader) -> web.Stre
             await response.write(first)
             async for chunk in chunks:
                 await response.write(chunk)
-    except (OSError, ValueError) as exc:
+    except Exception as exc:
         # The status line is out: the only honest signal left is to cut the connection,
         # so the client sees a short body instead of a well-formed lie (RFC 9112, 9.6).
         log.warning("download of %s broke after its headers: %r", request.path, exc)
