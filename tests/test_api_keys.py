@@ -238,3 +238,15 @@ async def test_symlink_planted_in_a_tenant_folder_is_not_followed(
     status, _, answer = await raw_request(port, "GET", b"/api/v1/acme/list?recursive=true")
     assert status == 200
     assert json.loads(answer)["entries"] == []
+
+
+async def test_oversized_header_is_refused_with_a_4xx(gateway: tuple[int, Path]) -> None:
+    port, base = gateway
+    status, _, _ = await raw_request(
+        port, "PUT", b"/api/v1/acme/files/x", body=b"x", headers={"X-Meta-big": "v" * 20000}
+    )
+    assert 400 <= status < 500
+    many = {f"X-Meta-h{i}": "v" for i in range(200)}
+    status, _, _ = await raw_request(port, "PUT", b"/api/v1/acme/files/y", body=b"y", headers=many)
+    assert 400 <= status < 500
+    assert _files(base) == set()
