@@ -11,8 +11,6 @@ import asyncio
 import errno
 import io
 import os
-import shutil
-import subprocess
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ from backends.local import LOCK_NAME, TMP_DIR
 from backends.memory import MemoryBackend
 from gateway import config
 from gateway.app import create_app
+from tests.support.tmpfs import mounted_tmpfs
 
 Client = TestClient[web.Request, web.Application]
 AiohttpClient = Callable[[web.Application], Awaitable[Client]]
@@ -440,20 +439,8 @@ async def test_readiness_answers_503_while_the_store_fails(
 @pytest.fixture
 def small_file_system(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs (skips where mounting is not allowed)."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
-    command = ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)]
-    mounted = subprocess.run(command, capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "2m") as mount_point:
         yield mount_point
-    finally:
-        # Lazily if busy: a descriptor left open by a failing test must not keep it mounted.
-        if subprocess.run(["umount", str(mount_point)], check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(mount_point)], check=True)
 
 
 def temp_files(base: Path) -> list[str]:

@@ -8,8 +8,6 @@ import errno
 import hashlib
 import json
 import os
-import shutil
-import subprocess
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -22,6 +20,7 @@ import backends.local as local_module
 from backends.base import SYSTEM_PREFIX
 from backends.local import LOCK_NAME, TMP_DIR, XATTR, LocalBackend
 from tests.backends.helpers import UploadFailed, body, failing_body, get, names, put
+from tests.support.tmpfs import mounted_tmpfs
 
 MiB = 1024 * 1024
 
@@ -539,20 +538,8 @@ async def test_descriptors_are_all_closed_after_reads_writes_and_failures(
 @pytest.fixture
 def small_file_system(tmp_path: Path) -> Iterator[Path]:
     """A 1 MiB tmpfs (skips where mounting is not allowed)."""
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a tmpfs needs root and mount(8)")
-    command = ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)]
-    mounted = subprocess.run(command, capture_output=True, text=True, check=False)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    try:
+    with mounted_tmpfs(tmp_path / "small", "1m") as mount_point:
         yield mount_point
-    finally:
-        # Lazily if busy: a descriptor left open by a failing test must not keep it mounted.
-        if subprocess.run(["umount", str(mount_point)], check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(mount_point)], check=True)
 
 
 async def test_full_file_system_raises_enospc_and_keeps_the_old_object(
