@@ -20,19 +20,19 @@ class Tenancy:
 
     def check_mode(self, raw_tenant: str | None) -> None:
         """Raise ``NotFound`` if the tenancy mode does not serve this kind of route."""
-        self.scope(raw_tenant, grammar=False)
-
-    def scope(self, raw_tenant: str | None, *, grammar: bool = True) -> Scope:
         if raw_tenant is None:
             if not self.null_served:
                 raise NotFound(
                     "the default (null) tenant is disabled on this gateway "
                     "(tenants.default-tenant: false); name a tenant: /api/v1/{tenant}/..."
                 )
-            return NULL_SCOPE
-        if not self.enabled:
+        elif not self.enabled:
             raise NotFound(
                 "multi-tenancy is not enabled on this gateway (tenants.enabled: false); "
                 "use /api/v1/files/..."
             )
-        return tenant_scope(raw_tenant) if grammar else Scope(raw_tenant)
+
+    @staticmethod
+    def scope(raw_tenant: str | None) -> Scope:
+        """Given a tenant segment the mode serves, return its scope (400 outside the grammar)."""
+        return NULL_SCOPE if raw_tenant is None else tenant_scope(raw_tenant)
