@@ -17,7 +17,7 @@ from typing import Any, Final
 
 from aiohttp import web
 
-from .access import ANONYMOUS, NO_ACCESS, Identity, identify, role_of
+from .access import ANONYMOUS, NO_ACCESS, Identity, identify, role_of, tenant_usable
 from .audit import DEFAULT_LIMIT, MAX_LIMIT
 from .errors import BadRequest, Forbidden, NotFound
 from .files import read_json
@@ -74,11 +74,7 @@ async def _may_manage_members(request: web.Request, tenant: str | None) -> Ident
     if caller.super_admin:
         return caller
     snapshot = _registry(request).snapshot
-    if tenant is not None:
-        found = snapshot.tenants.get(tenant)
-        if found is None or found.deleted:
-            raise Forbidden(NO_ACCESS)
-    if role_of(snapshot, caller, tenant) != "ADMIN":
+    if not tenant_usable(snapshot, tenant) or role_of(snapshot, caller, tenant) != "ADMIN":
         raise Forbidden(NO_ACCESS)
     return caller
 
@@ -126,7 +122,7 @@ async def _visible_tenant(request: web.Request) -> tuple[Identity, str]:
         if tenant is None:
             raise NotFound("no such tenant")
         return caller, tenant_id
-    if tenant is None or tenant.deleted or role_of(snapshot, caller, tenant_id) is None:
+    if not tenant_usable(snapshot, tenant_id) or role_of(snapshot, caller, tenant_id) is None:
         raise Forbidden(NO_ACCESS)
     return caller, tenant_id
 
