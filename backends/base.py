@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import errno
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterable, AsyncIterator, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import ClassVar, Final, Literal
@@ -88,6 +88,14 @@ class Reader(ABC):
             Byte offsets already checked by the caller (``0 <= start <= end <= size``).
         """
 
+    def fileno(self) -> int | None:
+        """A descriptor of a regular file holding the object's bytes, for ``sendfile``.
+
+        ``None`` (the default) when the bytes come from elsewhere. Valid until ``close``; a
+        caller that uses it from another thread duplicates it first.
+        """
+        return None
+
     @abstractmethod
     async def close(self) -> None:
         """Release the handle; safe to call twice."""
@@ -97,6 +105,25 @@ class Reader(ABC):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+@dataclass(slots=True)
+class SocketBody:
+    """A request body still partly in its connection, for a backend that moves it without
+    passing it through Python (``Backend.splices_sockets``).
+
+    ``head`` is what was already read; the next ``count`` bytes are to be taken from the
+    non-blocking socket ``fd`` (a duplicate, which the backend owns and closes in every case).
+    When the socket has nothing to give, ``wait_readable(fd)`` is awaited; it raises to give
+    up (the client stopped sending). A connection closed early raises ``EOFError``. The
+    backend counts in ``received`` the bytes it took from the socket.
+    """
+
+    head: bytes
+    fd: int
+    count: int
+    wait_readable: Callable[[int], Awaitable[None]]
+    received: int = 0
 
 
 class Backend(ABC):
@@ -176,6 +203,21 @@ class Backend(ABC):
         ------
         FileExistsError, IsADirectoryError, NotADirectoryError
         """
+
+    splices_sockets: ClassVar[bool] = False
+    """True if ``write_socket_body`` is implemented."""
+
+    async def write_socket_body(
+        self,
+        key: str,
+        body: SocketBody,
+        *,
+        content_type: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        exclusive: bool = False,
+    ) -> Info:
+        """``write`` of ``body``: the same guarantees, the bytes taken straight from a socket."""
+        raise NotImplementedError
 
     @abstractmethod
     async def list(

@@ -27,15 +27,27 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import json
 import os
 import secrets
 import stat
+import sys
 import threading
+import time
 from bisect import bisect_right
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping
+from collections import OrderedDict
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Mapping,
+)
+from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Final
+from typing import Final, cast
 
 from ._metadata import normalise_metadata
 from .base import (
@@ -47,9 +59,17 @@ from .base import (
     Info,
     Page,
     Reader,
+    SocketBody,
 )
 
 CHUNK_SIZE: Final = 1024 * 1024
+_IOV_MAX: Final = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+SPLICE_SLICE: Final = 16 * CHUNK_SIZE
+"""Bytes one worker-thread call moves at most from a socket before it hands back."""
+WHOLE_READ_MAX: Final = 64 * 1024
+"""Files up to this size are read whole when opened (one trip to a worker thread in all)."""
+PIPE_SIZE: Final = CHUNK_SIZE
+"""Capacity asked for the pipe between a socket and a file (``F_SETPIPE_SZ``)."""
 """Writes are buffered, and reads are cut, to this size: one thread hop per megabyte."""
 
 TMP_DIR: Final = f"{SYSTEM_PREFIX}/tmp"
@@ -265,7 +285,6 @@ class LocalReader(Reader):
 
     def __init__(self, fd: int, info: Info) -> None:
         self.fd = fd
-        """The open descriptor (for ``sendfile``); valid until ``close``."""
         self.info = info
         # A read in a worker thread may outlive a cancelled task: the lock keeps close() from
         # releasing the descriptor under it.
@@ -287,6 +306,12 @@ class LocalReader(Reader):
                 raise OSError(errno.EIO, "the file is shorter than its size", self.info.name)
             offset += len(data)
             yield data
+
+    def fileno(self) -> int | None:
+        with self._lock:
+            if self._closed:
+                raise ValueError("fileno of a closed reader")
+            return self.fd
 
     def _close_locked(self) -> None:
         if not self._closed:
@@ -312,6 +337,24 @@ class LocalReader(Reader):
             self._close()
 
 
+class _WriteCancelled(Exception):
+    """The task of a write in a worker thread was cancelled before the write committed."""
+
+
+class _WholeReader(Reader):
+    """A small file read whole when it was opened: serving it needs no more system calls."""
+
+    def __init__(self, data: bytes, info: Info) -> None:
+        self.data = data
+        self.info = info
+
+    async def chunks(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        yield self.data[start:end]
+
+    async def close(self) -> None:
+        pass
+
+
 # -- writing -----------------------------------------------------------------------------------
 
 
@@ -326,6 +369,9 @@ class _TempFile:
         self._dir_fd = dir_fd
         self._name = name
         self._fd = fd
+        self._size = 0
+        # For a body spliced from a socket: the socket, then the pipe's read and write ends.
+        self._source: tuple[int, int, int] | None = None
         self._lock = threading.Lock()
         self._finished = False  # installed or discarded: no more calls
 
@@ -333,12 +379,73 @@ class _TempFile:
         if self._finished:
             raise ValueError("temporary file already installed or discarded")
 
-    def append(self, data: bytes | bytearray | memoryview) -> None:
+    def append(self, chunks: list[bytes]) -> None:
         with self._lock:
             self._check()
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view) :]
+            views = [memoryview(chunk) for chunk in chunks if chunk]
+            start = self._size
+            self._size += sum(len(view) for view in views)
+            while views:
+                written = os.writev(self._fd, views[:_IOV_MAX])
+                # A short write: drop what went out, keep the rest in order.
+                while written:
+                    if written >= len(views[0]):
+                        written -= len(views.pop(0))
+                    else:
+                        views[0] = views[0][written:]
+                        written = 0
+            # Start writing these pages to the disk now, while the next batch arrives, so
+            # the fsync at the end waits for the last batch rather than the whole object.
+            _start_writeback(self._fd, start, self._size - start)
+
+    def attach_source(self, sock: int) -> None:
+        """Take ownership of the socket ``sock`` (closed with this file) and make the pipe
+        ``splice`` moves its bytes through."""
+        with self._lock:
+            try:
+                self._check()
+                read_end, write_end = os.pipe2(os.O_CLOEXEC)
+            except BaseException:
+                os.close(sock)
+                raise
+            self._source = (sock, read_end, write_end)
+            with contextlib.suppress(OSError):  # a smaller pipe only means more system calls
+                fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+
+    def splice(self, want: int) -> int:
+        """Move up to ``want`` bytes from the attached socket to the file; return how many.
+
+        Stops early when the socket has nothing more for now; raises ``EOFError`` if the
+        connection ended.
+        """
+        with self._lock:
+            self._check()
+            assert self._source is not None
+            sock, read_end, write_end = self._source
+            start = self._size
+            moved = 0
+            while moved < want:
+                try:
+                    count = os.splice(
+                        sock, write_end, min(want - moved, PIPE_SIZE),
+                        flags=os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK,
+                    )  # fmt: skip
+                except BlockingIOError:
+                    break
+                if count == 0:
+                    raise EOFError("the connection closed before the end of the body")
+                moved += count
+                while count:  # empty the pipe into the file
+                    count -= os.splice(read_end, self._fd, count, flags=os.SPLICE_F_MOVE)
+            self._size += moved
+            _start_writeback(self._fd, start, moved)
+            return moved
+
+    def _close_source(self) -> None:
+        if self._source is not None:
+            for fd in self._source:
+                os.close(fd)
+            self._source = None
 
     def seal(self, xattr: bytes | None) -> None:
         """Record the metadata and make the content durable, before the file gets its name."""
@@ -361,6 +468,7 @@ class _TempFile:
                 st = os.fstat(self._fd)
                 os.fsync(parent_fd)
             finally:
+                self._close_source()
                 os.close(self._fd)
                 os.close(self._dir_fd)
             return st
@@ -371,11 +479,91 @@ class _TempFile:
                 return
             self._finished = True
             try:
+                self._close_source()
                 os.close(self._fd)
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._name, dir_fd=self._dir_fd)
             finally:
                 os.close(self._dir_fd)
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        function = libc.sync_file_range
+    except (OSError, AttributeError):
+        return None
+    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+    function.restype = ctypes.c_int
+    return cast(Callable[[int, int, int, int], int], function)
+
+
+_SYNC_FILE_RANGE: Final = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE: Final = 2  # <linux/fs.h>: start writeback, do not wait for it
+
+
+def _start_writeback(fd: int, offset: int, size: int) -> None:
+    """Ask the kernel to start writing a dirty range to the disk (Linux); a no-op elsewhere.
+
+    Only a hint: durability still comes from the ``fsync`` before the file gets its name.
+    """
+    if _SYNC_FILE_RANGE is not None and size > 0:
+        _SYNC_FILE_RANGE(fd, offset, size, _SYNC_FILE_RANGE_WRITE)
+
+
+async def _until(chunks: AsyncIterator[bytes], size: int) -> AsyncIterator[bytes]:
+    """Yield chunks of ``chunks`` until they add up to ``size`` bytes or more, or it ends."""
+    count = 0
+    while count < size:
+        try:
+            chunk = await anext(chunks)
+        except StopAsyncIteration:
+            return
+        count += len(chunk)
+        yield chunk
+
+
+async def _chain(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    for chunk in head:
+        yield chunk
+    async for chunk in rest:
+        yield chunk
+
+
+async def _fill(chunks: AsyncIterable[bytes], temp: _TempFile) -> list[bytes]:
+    """Write ``chunks`` into ``temp``; return the last batch (under ``CHUNK_SIZE``) unwritten.
+
+    Two stages: while a worker thread writes one batch of chunks (``writev``, no copy into a
+    joined buffer), the event loop receives the next. At most one batch is in the thread and
+    one is filling, so memory stays at about two ``CHUNK_SIZE``.
+    """
+    pending: asyncio.Future[None] | None = None
+    batch: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in chunks:
+            batch.append(chunk)
+            size += len(chunk)
+            if size >= CHUNK_SIZE:
+                if pending is not None:
+                    await pending
+                pending = asyncio.ensure_future(asyncio.to_thread(temp.append, batch))
+                batch, size = [], 0
+        if pending is not None:
+            await pending
+    except BaseException:
+        if pending is not None:
+            pending.add_done_callback(_retrieve)
+        raise
+    return batch
+
+
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Mark the outcome of a write nobody awaits any more as seen (no "never retrieved")."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _discard_when_opened(opening: asyncio.Future[_TempFile]) -> None:
@@ -583,15 +771,21 @@ class LocalBackend(Backend):
         finally:
             os.close(fd)
 
-    async def open_read(self, key: str) -> LocalReader:
+    async def open_read(self, key: str) -> Reader:
         return await asyncio.to_thread(self._open_read, key)
 
-    def _open_read(self, key: str) -> LocalReader:
+    def _open_read(self, key: str) -> Reader:
         fd, st = self._open_entry(key)
         try:
             if stat.S_ISDIR(st.st_mode):
                 raise IsADirectoryError(errno.EISDIR, "is a directory", key)
             info = _file_info(key, st, *_read_xattr(fd))
+            if st.st_size <= WHOLE_READ_MAX:
+                data = os.pread(fd, st.st_size, 0)
+                if len(data) != st.st_size:
+                    raise OSError(errno.EIO, "the file is shorter than its size", key)
+                os.close(fd)
+                return _WholeReader(data, info)
         except BaseException:
             os.close(fd)
             raise
@@ -608,6 +802,96 @@ class LocalBackend(Backend):
         metadata: Mapping[str, str] | None = None,
         exclusive: bool = False,
     ) -> Info:
+        # A body that ends within the first CHUNK_SIZE bytes is written in one trip to a
+        # worker thread (check, temporary file, write, fsync, rename, fsync); a longer one
+        # streams, its first chunks included.
+        iterator = aiter(chunks)
+        head: list[bytes] = []
+        size = 0
+        async for chunk in _until(iterator, CHUNK_SIZE):
+            head.append(chunk)
+            size += len(chunk)
+        if size < CHUNK_SIZE:
+            segments = _split(key)
+            metadata = normalise_metadata(metadata)
+            xattr = _encode_xattr(content_type, metadata)
+            cancelled = threading.Event()
+            try:
+                st = await asyncio.to_thread(
+                    self._write_whole, segments, key, exclusive, head, xattr, cancelled
+                )
+            except asyncio.CancelledError:
+                cancelled.set()  # the thread drops the file, unless it was already renamed
+                raise
+            return _file_info(key, st, content_type, metadata)
+        rest = _chain(head, iterator)
+        return await self._write(
+            key, functools.partial(_fill, rest), content_type, metadata, exclusive
+        )
+
+    def _write_whole(
+        self,
+        segments: list[str],
+        key: str,
+        exclusive: bool,
+        data: list[bytes],
+        xattr: bytes | None,
+        cancelled: threading.Event,
+    ) -> os.stat_result:
+        temp = self._begin_write(segments, key, exclusive)
+        try:
+            return self._end_write(temp, data, xattr, segments, key, exclusive, cancelled)
+        except BaseException:
+            temp.discard()
+            raise
+
+    splices_sockets = True
+
+    async def write_socket_body(
+        self,
+        key: str,
+        body: SocketBody,
+        *,
+        content_type: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        exclusive: bool = False,
+    ) -> Info:
+        """``write``, the bytes moved from the socket to the file by ``splice(2)`` through a
+        pipe: the kernel hands over the received pages, nothing is copied into Python."""
+        attached = False
+
+        async def fill(temp: _TempFile) -> list[bytes]:
+            nonlocal attached
+            temp.attach_source(body.fd)  # from here on the temporary file closes it
+            attached = True
+            if body.head:
+                await asyncio.to_thread(temp.append, [body.head])
+            count = body.count
+            while count:
+                want = min(count, SPLICE_SLICE)
+                moved = await asyncio.to_thread(temp.splice, want)
+                body.received += moved
+                count -= moved
+                if moved < want:  # the socket has nothing more for now
+                    await body.wait_readable(body.fd)
+            return []
+
+        try:
+            return await self._write(key, fill, content_type, metadata, exclusive)
+        finally:
+            if not attached:
+                os.close(body.fd)
+
+    async def _write(
+        self,
+        key: str,
+        fill: Callable[[_TempFile], Awaitable[list[bytes]]],
+        content_type: str | None,
+        metadata: Mapping[str, str] | None,
+        exclusive: bool,
+    ) -> Info:
+        """Open a temporary file, let ``fill`` write the body into it (it returns the bytes it
+        left for the end), make it durable and give it its name; on any failure, remove it."""
         segments = _split(key)
         metadata = normalise_metadata(metadata)
         xattr = _encode_xattr(content_type, metadata)
@@ -620,21 +904,14 @@ class LocalBackend(Backend):
             opening.add_done_callback(_discard_when_opened)
             raise
         try:
-            buffer = bytearray()
-            async for chunk in chunks:
-                if not buffer and len(chunk) >= CHUNK_SIZE:
-                    await asyncio.to_thread(temp.append, chunk)
-                    continue
-                buffer += chunk
-                if len(buffer) >= CHUNK_SIZE:
-                    data, buffer = buffer, bytearray()
-                    await asyncio.to_thread(temp.append, data)
+            rest = await fill(temp)
             st = await asyncio.to_thread(
-                self._end_write, temp, buffer, xattr, segments, key, exclusive
+                self._end_write, temp, rest, xattr, segments, key, exclusive
             )
         except BaseException:
             # Also on cancellation: discard() waits for a write still running in its thread.
-            await asyncio.to_thread(temp.discard)
+            # Shielded: a second cancellation (shutdown) must not unqueue it before it ran.
+            await asyncio.shield(asyncio.to_thread(temp.discard))
             raise
         return _file_info(key, st, content_type, metadata)
 
@@ -676,15 +953,18 @@ class LocalBackend(Backend):
     def _end_write(
         self,
         temp: _TempFile,
-        rest: bytearray,
+        rest: list[bytes],
         xattr: bytes | None,
         segments: list[str],
         key: str,
         exclusive: bool,
+        cancelled: threading.Event | None = None,
     ) -> os.stat_result:
         if rest:
             temp.append(rest)
         temp.seal(xattr)
+        if cancelled is not None and cancelled.is_set():
+            raise _WriteCancelled  # the last moment to drop it: the rename below commits
         parent = self._open_dir(segments[:-1], key, create=True)
         try:
             return temp.install(parent, segments[-1], key, exclusive)
@@ -835,7 +1115,77 @@ class LocalBackend(Backend):
 # -- directory scans (in worker threads) -------------------------------------------------------
 
 
-def _children(fd: int, prefix: str) -> list[tuple[str, str, bool]]:
+Child = tuple[str, str, bool]
+"""``(sort key, name, is_dir)`` of a directory's entry; a directory's sort key ends in ``/``."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Scan:
+    """A directory's sorted children, valid while its status (``stamp``) is the same."""
+
+    stamp: tuple[int, int, int, int]
+    prefix: str
+    children: list[Child]
+    sort_keys: list[str]
+
+
+class _ScanCache:
+    """Sorted scans of large directories, so that paging through one costs a page, not a scan.
+
+    A scan is reused only while the directory's modification and change times, size and link
+    count are those it was made under (any entry created, removed or renamed, by this process
+    or another, changes them). It is kept only if the directory had not changed for
+    ``SETTLED_NS`` before the scan began: a change made within the file system clock's tick
+    of that status would otherwise leave the stamp as it was.
+    """
+
+    SETTLED_NS: Final = 100_000_000
+    MIN_ENTRIES: Final = 1000
+    MAX_ENTRIES: Final = 250_000  # in all scans kept (about 200 bytes each)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._scans: OrderedDict[tuple[int, int], _Scan] = OrderedDict()
+        self._entries = 0
+
+    def get(self, fd: int, prefix: str) -> _Scan:
+        st = os.fstat(fd)
+        where = (st.st_dev, st.st_ino)
+        stamp = (st.st_mtime_ns, st.st_ctime_ns, st.st_size, st.st_nlink)
+        with self._lock:
+            scan = self._scans.get(where)
+            if scan is not None and scan.stamp == stamp and scan.prefix == prefix:
+                self._scans.move_to_end(where)
+                return scan
+        began = time.time_ns()
+        children = _scan_children(fd, prefix)
+        scan = _Scan(stamp, prefix, children, [child[0] for child in children])
+        if len(children) >= self.MIN_ENTRIES and began - st.st_mtime_ns > self.SETTLED_NS:
+            self._keep(where, scan)
+        return scan
+
+    def _keep(self, where: tuple[int, int], scan: _Scan) -> None:
+        if len(scan.children) > self.MAX_ENTRIES:
+            return
+        with self._lock:
+            old = self._scans.pop(where, None)
+            if old is not None:
+                self._entries -= len(old.children)
+            self._scans[where] = scan
+            self._entries += len(scan.children)
+            while self._entries > self.MAX_ENTRIES:
+                _, evicted = self._scans.popitem(last=False)
+                self._entries -= len(evicted.children)
+
+
+_SCANS: Final = _ScanCache()
+
+
+def _children(fd: int, prefix: str) -> list[Child]:
+    return _SCANS.get(fd, prefix).children
+
+
+def _scan_children(fd: int, prefix: str) -> list[Child]:
     """Given an open directory whose key is ``prefix``, return ``(sort key, name, is_dir)`` of
     its files and subdirectories, sorted; links, special files and ``TMP_DIR`` are left out."""
     found = []
@@ -861,8 +1211,9 @@ def _children(fd: int, prefix: str) -> list[tuple[str, str, bool]]:
 
 
 def _list_children(fd: int, prefix: str, limit: int, start_after: str | None) -> Page:
-    children = _children(fd, prefix)
-    first = 0 if start_after is None else bisect_right([c[0] for c in children], start_after)
+    scan = _SCANS.get(fd, prefix)
+    children = scan.children
+    first = 0 if start_after is None else bisect_right(scan.sort_keys, start_after)
     entries: list[Info] = []
     last = None
     for sort_key, name, is_dir in children[first:]:
@@ -886,7 +1237,7 @@ def _walk_files(fd: int, prefix: str, limit: int, start_after: str | None) -> Pa
     """Given an open directory (closed on return), return a page of the files below it, in
     code-point order of their keys, by a depth-first walk over sorted children that skips every
     subtree wholly at or before ``start_after`` and stops after one entry past ``limit``."""
-    stack: list[tuple[int, Iterator[tuple[str, str, bool]]]] = []
+    stack: list[tuple[int, Iterator[Child]]] = []
     entries: list[Info] = []
     try:
         try:

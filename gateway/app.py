@@ -22,7 +22,7 @@ from aiohttp import web
 from backends.base import Backend
 from backends.registry import backend_class
 
-from . import admin, files, keys, observability
+from . import admin, files, keys, observability, zerocopy
 from .access import Action, authorize, identify
 from .audit import AuditLog
 from .config import Config
@@ -296,6 +296,7 @@ def create_app(config: Config, backend: Backend | None = None) -> web.Applicatio
             in_flight_middleware,
             observability_middleware,
             started_middleware,
+            zerocopy.taken_body_middleware,
             error_middleware,
         ]
     )

@@ -15,7 +15,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any, Final
 from urllib.parse import quote
 
@@ -31,7 +31,7 @@ from backends.base import (
     metadata_size,
 )
 
-from . import keys
+from . import keys, zerocopy
 from .conditional import NOT_MODIFIED, evaluate, http_date, quote_etag, select_range
 from .errors import (
     BadRequest,
@@ -197,17 +197,29 @@ async def put_file(request: web.Request, scope: Scope, raw_key: str | None) -> w
     content_type = headers.get("Content-Type")
     if content_type is not None and not _CONTENT_TYPE.fullmatch(content_type):
         raise BadRequest("Content-Type is not a valid media type")
-    body = _Body(request, max_size, request.app[CONFIG]["server.read-timeout"])
+    read_timeout = request.app[CONFIG]["server.read-timeout"]
+    body = _Body(request, max_size, read_timeout)
+    backend = _backend(request)
+    options: dict[str, Any] = {
+        "content_type": content_type,
+        "metadata": _metadata(headers),
+        "exclusive": if_none_match is not None,
+    }
+    # A large body with no checksum to verify on the way goes from socket to disk in the
+    # kernel (local backend); anything else streams through here.
+    socket_body = None
+    if backend.splices_sockets and body.md5 is None and body.sha256 is None:
+        socket_body = zerocopy.take_body(request, read_timeout)
     try:
-        info = await _backend(request).write(
-            physical,
-            body.chunks(),
-            content_type=content_type,
-            metadata=_metadata(headers),
-            exclusive=if_none_match is not None,
-        )
+        if socket_body is not None:
+            info = await backend.write_socket_body(physical, socket_body, **options)
+            request[zerocopy.TAKEN].stored = True
+        else:
+            info = await backend.write(physical, body.chunks(), **options)
     except FileExistsError:
         raise PreconditionFailed("If-None-Match: * and an object exists at this key") from None
+    except EOFError:
+        raise zerocopy.body_ended_early() from None
     key = keys.unresolve(scope, physical)
     etag = quote_etag(info.etag)
     return web.json_response(
@@ -274,10 +286,18 @@ async def _send(request: web.Request, physical: str, reader: Reader) -> web.Stre
     if byte_range is not None:
         response.headers["Content-Range"] = byte_range.content_range(info.size)
     response.content_length = end - start
-    chunks = reader.chunks(start, end) if request.method != "HEAD" and end > start else None
-    first = b""
-    if chunks is not None:
-        # The first byte is fetched before the status line is sent: a store failing here
+    if request.method == "HEAD" or end == start:
+        await response.prepare(request)
+    elif (fd := reader.fileno()) is not None and zerocopy.usable(request):
+        # A local file: the kernel sends it (nothing to prefetch, the file is open).
+        await response.prepare(request)
+        timeout = request.app[CONFIG]["server.read-timeout"]
+        sending = zerocopy.send_file(request, fd, start, end - start, timeout)
+        if not await _after_headers(request, sending):
+            return response
+    else:
+        chunks = reader.chunks(start, end)
+        # The first bytes are fetched before the status line is sent: a store failing here
         # still gets an honest error answer (or a retry, if the object was replaced).
         try:
             first = await anext(chunks)
@@ -285,21 +305,34 @@ async def _send(request: web.Request, physical: str, reader: Reader) -> web.Stre
             if exc.errno == errno.EAGAIN:  # the backend's "replaced since opened"
                 raise _Replaced from exc
             raise
-    await response.prepare(request)
+        await response.prepare(request)
+        if not await _after_headers(request, _write_all(response, first, chunks)):
+            return response
+    await response.write_eof()
+    return response
+
+
+async def _write_all(
+    response: web.StreamResponse, first: bytes, chunks: AsyncIterator[bytes]
+) -> None:
+    await response.write(first)
+    async for chunk in chunks:
+        await response.write(chunk)
+
+
+async def _after_headers(request: web.Request, sending: Coroutine[Any, Any, None]) -> bool:
+    """Run ``sending``, the body of a response whose status line is already out; say if it
+    finished (if not, the connection is cut)."""
     try:
-        if chunks is not None:
-            await response.write(first)
-            async for chunk in chunks:
-                await response.write(chunk)
+        await sending
     except Exception as exc:
         # The status line is out: the only honest signal left is to cut the connection,
         # so the client sees a short body instead of a well-formed lie (RFC 9112, 9.6).
         log.warning("download of %s broke after its headers: %r", request.path, exc)
         if request.transport is not None:
             request.transport.abort()
-        return response
-    await response.write_eof()
-    return response
+        return False
+    return True
 
 
 # -- metadata, listing, directories, delete, move ------------------------------------------

@@ -42,6 +42,7 @@ from .access import Identity, identify
 from .audit import WAIT_BEFORE_RESPONSE, AuditLog, Pending, make_record, now_ns
 from .errors import Forbidden
 from .state import CONFIG, REGISTRY
+from .zerocopy import TAKEN
 
 access_log = logging.getLogger("gateway.access")
 
@@ -183,7 +184,8 @@ def _finish(
     """Record the metrics and the access line; start the audit record's write (if any)."""
     elapsed = time.perf_counter() - started
     method = request.method if request.method in METHODS else "OTHER"
-    bytes_in = getattr(request.content, "total_bytes", 0)
+    taken = request.get(TAKEN)
+    bytes_in = taken.length if taken is not None else getattr(request.content, "total_bytes", 0)
     bytes_out = _bytes_out(request, response, status)
     metrics = request.app[METRICS]
     metrics.requests.labels(info.tenant, info.route, method, str(status)).inc()

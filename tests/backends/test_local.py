@@ -87,13 +87,30 @@ async def test_etag_comes_from_inode_mtime_and_size(store: LocalBackend) -> None
 
 
 async def test_reader_exposes_its_open_descriptor(store: LocalBackend) -> None:
-    await put(store, "r/file", b"content")
+    data = b"c" * (local_module.WHOLE_READ_MAX + 1)
+    await put(store, "r/file", data)
     reader = await store.open_read("r/file")
     try:
-        assert os.fstat(reader.fd).st_ino == os.stat(base(store) / "r/file").st_ino
-        assert os.pread(reader.fd, 7, 0) == b"content"
+        fd = reader.fileno()
+        assert fd is not None
+        assert os.fstat(fd).st_ino == os.stat(base(store) / "r/file").st_ino
+        assert os.pread(fd, len(data), 0) == data
     finally:
         await reader.close()
+    with pytest.raises(ValueError):
+        reader.fileno()
+
+
+async def test_a_small_file_is_read_whole_when_opened(store: LocalBackend) -> None:
+    await put(store, "r/small", b"content")
+    before = psutil.Process().num_fds()
+    reader = await store.open_read("r/small")
+    assert reader.fileno() is None  # nothing left open: the bytes came with the opening
+    assert psutil.Process().num_fds() == before
+    (base(store) / "r/small").unlink()
+    assert b"".join([c async for c in reader.chunks()]) == b"content"
+    assert b"".join([c async for c in reader.chunks(2, 5)]) == b"nte"
+    await reader.close()
 
 
 async def test_reader_keeps_its_file_when_the_path_becomes_a_link(store: LocalBackend) -> None:
@@ -237,8 +254,10 @@ async def test_temporary_files_never_show_in_listings(store: LocalBackend) -> No
     await put(store, f"{SYSTEM_PREFIX}/system.json", b"{}")
     release = asyncio.Event()
 
+    first = b"p" * local_module.CHUNK_SIZE  # a body this long streams through a temporary file
+
     async def paused() -> AsyncIterator[bytes]:
-        yield b"p" * 10
+        yield first
         await release.wait()
 
     task = asyncio.create_task(store.write("a/pending", paused()))
@@ -251,7 +270,7 @@ async def test_temporary_files_never_show_in_listings(store: LocalBackend) -> No
     finally:
         release.set()
         await task
-    assert await get(store, "a/pending") == b"p" * 10
+    assert await get(store, "a/pending") == first
 
 
 async def test_keys_inside_the_temporary_directory_are_refused(store: LocalBackend) -> None:
@@ -300,13 +319,14 @@ async def test_small_chunks_are_buffered_into_few_disk_writes(
     store: LocalBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[int] = []
-    real_write = os.write
+    real_writev = os.writev
 
-    def counting_write(fd: int, data: bytes) -> int:
-        calls.append(len(data))
-        return real_write(fd, data)
+    def counting_writev(fd: int, buffers: list[memoryview]) -> int:
+        written = real_writev(fd, buffers)
+        calls.append(written)
+        return written
 
-    monkeypatch.setattr(os, "write", counting_write)
+    monkeypatch.setattr(os, "writev", counting_writev)
     chunk = bytes(range(256)) * 16  # 4 KiB
     await store.write("b/buffered", body(*[chunk] * 1024))  # 4 MiB
     monkeypatch.undo()
@@ -570,20 +590,81 @@ async def test_disk_full_error_propagates_and_leaves_no_temporary_file(
 ) -> None:
     # The same as above on any machine: the disk fills after the first megabyte.
     await put(store, "d/file", b"old")
-    real_write = os.write
+    real_writev = os.writev
     written = 0
 
-    def filling_write(fd: int, data: bytes) -> int:
+    def filling_writev(fd: int, buffers: list[memoryview]) -> int:
         nonlocal written
         if written >= MiB:
             raise OSError(code, os.strerror(code))
-        written += len(data)
-        return real_write(fd, data)
+        count = real_writev(fd, buffers)
+        written += count
+        return count
 
-    monkeypatch.setattr(os, "write", filling_write)
+    monkeypatch.setattr(os, "writev", filling_writev)
     with pytest.raises(OSError) as raised:
         await store.write("d/file", body(*[b"n" * MiB] * 3))
     monkeypatch.undo()
     assert raised.value.errno == code
     assert temp_files(store) == []
     assert await get(store, "d/file") == b"old"
+
+
+# -- the scan cache of large directories -----------------------------------------------------
+
+
+async def list_all(store: LocalBackend, key: str, limit: int = 500) -> list[str]:
+    found: list[str] = []
+    cursor = None
+    while True:
+        page = await store.list(key, limit=limit, start_after=cursor)
+        found += [info.name for info in page.entries]
+        cursor = page.next_cursor
+        if cursor is None:
+            return found
+
+
+def settle(directory: Path) -> None:
+    """Date the directory's last change a minute back, as if nothing had touched it since."""
+    past = directory.stat().st_mtime - 60
+    os.utime(directory, (past, past))
+
+
+async def test_paging_a_large_directory_sees_every_change(store: LocalBackend) -> None:
+    folder = base(store) / "big"
+    folder.mkdir()
+    count = local_module._ScanCache.MIN_ENTRIES + 200
+    for i in range(count):
+        (folder / f"o{i:05d}").write_bytes(b"x")
+    settle(folder)
+    expected = [f"big/o{i:05d}" for i in range(count)]
+    assert await list_all(store, "big") == expected
+    assert await list_all(store, "big") == expected  # from the kept scan
+    # Changes through the backend and behind its back, right after a scan was kept.
+    await put(store, "big/o00000a", b"new")
+    assert await list_all(store, "big") == sorted([*expected, "big/o00000a"])
+    settle(folder)
+    await list_all(store, "big")
+    (folder / "o00003").unlink()
+    assert "big/o00003" not in await list_all(store, "big")
+    settle(folder)
+    await list_all(store, "big")
+    os.rename(folder / "o00004", folder / "zz")
+    listed = await list_all(store, "big")
+    assert "big/zz" in listed and "big/o00004" not in listed
+    assert len(listed) == count  # +1 new, -1 deleted, one renamed
+
+
+async def test_a_directory_changed_just_before_its_scan_is_not_kept(store: LocalBackend) -> None:
+    folder = base(store) / "hot"
+    folder.mkdir()
+    for i in range(local_module._ScanCache.MIN_ENTRIES):
+        (folder / f"o{i:05d}").write_bytes(b"x")
+    # Its last change is now: another entry could still arrive within the same clock tick
+    # without changing the directory's status, so this scan must not be reused.
+    kept_before = dict(local_module._SCANS._scans)
+    await list_all(store, "hot")
+    assert local_module._SCANS._scans.keys() == kept_before.keys()
+    settle(folder)
+    await list_all(store, "hot")
+    assert len(local_module._SCANS._scans) == len(kept_before) + 1
