@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import signal
+import socket
 import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import click
 from aiohttp import web
@@ -15,6 +22,16 @@ from .state import IN_FLIGHT
 
 # Seconds the handlers still running after the grace period get to react to cancellation.
 CANCEL_GRACE = 2.0
+# Bytes of a request body aiohttp buffers per connection before it stops reading the socket
+# (its default is 64 KiB): larger reads, fewer wake-ups of an upload's handler.
+READ_BUFSIZE = 1 << 18
+# A worker that dies within this many seconds of its start is not restarted (it would only
+# die again: the port taken, the configuration refused); the gateway exits instead.
+CRASH_LOOP_SECONDS = 5.0
+# Worker threads for file system calls. Python's default (cores + 4) caps the fsyncs in
+# flight at six, and small uploads then queue for them; the disk batches many concurrent
+# fsyncs into one journal commit.
+THREADS = 64
 
 
 def _install_uvloop() -> None:
@@ -25,7 +42,9 @@ def _install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def _serve(app: web.Application, host: str, port: int, grace: float) -> None:
+async def _serve(
+    app: web.Application, host: str, port: int, grace: float, *, reuse_port: bool = False
+) -> None:
     """Serve until SIGTERM or SIGINT, then let requests in flight finish for ``grace`` seconds.
 
     Not ``web.run_app``, nor ``runner.cleanup`` alone: both stop reading request bodies as
@@ -33,12 +52,19 @@ async def _serve(app: web.Application, host: str, port: int, grace: float) -> No
     closes first, requests in flight get ``grace`` seconds, then ``runner.cleanup`` cancels
     what is left (an aborted upload stores nothing) and the backend is closed.
     """
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="gateway-io")
+    )
     runner = web.AppRunner(
-        app, access_log=None, shutdown_timeout=CANCEL_GRACE, handle_signals=False
+        app,
+        access_log=None,
+        shutdown_timeout=CANCEL_GRACE,
+        handle_signals=False,
+        read_bufsize=READ_BUFSIZE,
     )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         await site.start()
         for address in runner.addresses:
             click.echo(f"serving on http://{_url_host(address[0])}:{address[1]}", err=True)
@@ -78,15 +104,16 @@ def main() -> None:
 @click.option("--port", type=int, help="Port to listen on (server.port).")
 @click.option("--storage", "storage_type", help="Storage type: local, s3 or memory (storage.type).")
 @click.option("--base-path", help="Directory of the local backend (storage.local.base-path).")
+@click.option("--workers", type=int, help="Processes serving the one port (server.workers).")
 def serve(
     config_path: str | None,
     host: str | None,
     port: int | None,
     storage_type: str | None,
     base_path: str | None,
+    workers: int | None,
 ) -> None:
     """Serve the gateway until SIGTERM or Ctrl-C (in-flight requests finish or abort cleanly)."""
-    from .app import create_app
     from .observability import configure_logging
 
     configure_logging()  # text lines, and the access log as JSON lines, on stderr
@@ -98,33 +125,130 @@ def serve(
                 "server.port": port,
                 "storage.type": storage_type,
                 "storage.local.base-path": base_path,
+                "server.workers": workers,
             },
         )
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    _install_uvloop()
-    app = create_app(config)
     storage = config["storage.type"]
     where = config["storage.local.base-path"] if storage == "local" else config["storage.s3.bucket"]
     tenancy = "enabled" if config["tenants.enabled"] else "disabled"
+    count = config["server.workers"]
     click.echo(
-        f"gateway {__version__}: storage {storage} ({where}), multi-tenancy {tenancy}", err=True
+        f"gateway {__version__}: storage {storage} ({where}), multi-tenancy {tenancy}"
+        + (f", {count} workers" if count > 1 else ""),
+        err=True,
     )
+    if count == 1:
+        _run(config, config["server.port"], reuse_port=False)
+    else:
+        sys.exit(_supervise(config, count))
+
+
+def _run(config: Any, port: int, *, reuse_port: bool) -> None:
+    """Serve in this process until SIGTERM or SIGINT."""
+    from .app import create_app
+
+    _install_uvloop()
+    app = create_app(config)
+    host = config["server.host"]
     try:
         asyncio.run(
-            _serve(
-                app,
-                config["server.host"],
-                config["server.port"],
-                config["server.shutdown-timeout"],
-            )
+            _serve(app, host, port, config["server.shutdown-timeout"], reuse_port=reuse_port)
         )
     except ValueError as exc:  # a backend refusing its configuration at start-up
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
+        raise click.ClickException(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+
+
+def _reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (without listening) a ``SO_REUSEPORT`` socket to ``host:port``: it resolves port
+    0 to one free port for every worker, and holds the port while workers restart."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _supervise(config: Any, count: int) -> int:
+    """Run ``count`` worker processes on one port; return the exit status.
+
+    Each worker is a whole gateway (its own event loop, registry snapshot and temporary
+    folder; replicas over one store are safe by design) listening with ``SO_REUSEPORT``, so
+    the kernel spreads connections among them. SIGTERM or SIGINT is passed on to every
+    worker, which stops as a single gateway does. A worker that dies is restarted, unless it
+    died right after its start.
+    """
+    host = config["server.host"]
+    try:
+        reserved = _reserve_port(host, config["server.port"])
+    except OSError as exc:
         raise click.ClickException(
-            f"cannot listen on {config['server.host']}:{config['server.port']}: {exc.strerror}"
+            f"cannot listen on {host}:{config['server.port']}: {exc.strerror}"
         ) from None
+    port = reserved.getsockname()[1]
+    children: dict[int, tuple[int, float]] = {}  # pid -> (worker number, start time)
+    stopping = False
+    status = 0
+
+    def spawn(number: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            code = 1
+            try:
+                reserved.close()
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                _run(config, port, reuse_port=True)
+                code = 0
+            except click.ClickException as exc:
+                exc.show()
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stderr.flush()
+                os._exit(code)
+        children[pid] = (number, time.monotonic())
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        for number in range(count):
+            spawn(number)
+        while children:
+            pid, wait_status = os.wait()
+            if pid not in children:
+                continue
+            number, started = children.pop(pid)
+            code = os.waitstatus_to_exitcode(wait_status)
+            if stopping:
+                status = max(status, 1 if code else 0)
+                continue
+            click.echo(f"worker {number} (pid {pid}) exited with status {code}", err=True)
+            if time.monotonic() - started < CRASH_LOOP_SECONDS:
+                click.echo("it died right after its start: stopping the gateway", err=True)
+                status = 1
+                stop(signal.SIGTERM, None)
+            else:
+                spawn(number)
+    finally:
+        reserved.close()
+    return status
 
 
 @main.command("config")

@@ -57,6 +57,19 @@ def _to_port(key: str, value: object) -> int:
     return port
 
 
+MAX_WORKERS: Final = 64
+
+
+def _to_workers(key: str, value: object) -> int:
+    try:
+        workers = int(str(value), 10)
+    except ValueError:
+        workers = 0
+    if not 1 <= workers <= MAX_WORKERS:
+        raise _fail(key, value, f"expected an integer from 1 to {MAX_WORKERS}")
+    return workers
+
+
 _SIZE_RE: Final = re.compile(r"\s*(\d+)\s*([KMGT]i?B?|B)?\s*", re.IGNORECASE)
 _UNITS: Final = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 
@@ -137,6 +150,12 @@ OPTIONS: Final = MappingProxyType(
         for option in [
             Option("server.host", "127.0.0.1", _to_str, "Address to listen on."),
             Option("server.port", 8080, _to_port, "Port to listen on (0: any free port)."),
+            Option(
+                "server.workers",
+                1,
+                _to_workers,
+                "Processes serving the one port (SO_REUSEPORT); up to one per CPU core.",
+            ),
             Option(
                 "server.shutdown-timeout",
                 30.0,

@@ -1,0 +1,256 @@
+"""``gateway serve --workers N``: N forked processes serving one port with ``SO_REUSEPORT``.
+
+Real processes over real sockets:
+
+- Two workers both answer (which process holds each accepted connection is read from
+  ``/proc`` with psutil), and uploads then downloads across them are byte-exact.
+- SIGTERM to the parent stops every worker; the parent exits 0.
+- A worker killed once it has run more than 5 s is replaced, and the gateway keeps serving.
+- ``server.workers`` out of range or not a number is refused at start, naming the key.
+- A port already taken (by a socket without ``SO_REUSEPORT``) is refused: "cannot listen on".
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Final
+
+import psutil
+import pytest
+import yaml
+
+from tests.support.gateway_process import HOST, GatewayProcess, free_port
+
+pytestmark = pytest.mark.slow
+
+TENANT: Final = "t1"
+WORKERS: Final = 2
+CRASH_LOOP_SECONDS: Final = 5.0  # gateway/cli.py: a worker younger than this is not restarted
+SOCKET_TIMEOUT: Final = 30.0
+START_TIMEOUT: Final = 30.0
+
+
+def _config(base: Path) -> dict[str, Any]:
+    return {
+        "storage.type": "local",
+        "storage.local.base-path": str(base),
+        "auth.enabled": False,
+        "server.shutdown-timeout": 5,
+        "tenants": {"enabled": True, "ids": [TENANT]},
+    }
+
+
+def _path(key: str) -> str:
+    return f"/api/v1/{TENANT}/files/{key}"
+
+
+def _exchange(
+    port: int, method: str, path: str, body: bytes = b""
+) -> tuple[int, bytes, socket.socket]:
+    """One request on a new connection; return the status, the body, and the still-open
+    socket (so the process that accepted it can be found)."""
+    sock = socket.create_connection((HOST, port), timeout=SOCKET_TIMEOUT)
+    try:
+        head = f"{method} {path} HTTP/1.1\r\nHost: gateway\r\nContent-Length: {len(body)}\r\n\r\n"
+        sock.sendall(head.encode() + body)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, f"the connection closed before the headers: {data!r}"
+            data += chunk
+        raw_head, rest = data.split(b"\r\n\r\n", 1)
+        status_line, *lines = raw_head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in lines)}
+        length = int(headers["content-length"])
+        while len(rest) < length:
+            chunk = sock.recv(min(1 << 20, length - len(rest)))
+            assert chunk, "the connection closed before the end of the body"
+            rest += chunk
+        return int(status_line.split()[1]), rest, sock
+    except BaseException:
+        sock.close()
+        raise
+
+
+def _owner(workers: list[psutil.Process], sock: socket.socket) -> int | None:
+    """Return the pid of the worker holding the server side of ``sock``."""
+    client = sock.getsockname()
+    for worker in workers:
+        try:
+            connections = worker.net_connections(kind="tcp4")
+        except psutil.Error:
+            continue
+        if any(c.raddr and (c.raddr.ip, c.raddr.port) == client for c in connections):
+            return int(worker.pid)
+    return None
+
+
+def _listening(worker: psutil.Process, port: int) -> bool:
+    try:
+        connections = worker.net_connections(kind="tcp4")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr.port == port for c in connections)
+
+
+def _workers(
+    gateway: GatewayProcess, count: int = WORKERS, timeout: float = 20.0
+) -> list[psutil.Process]:
+    """Wait until the parent has ``count`` children, each listening on the port; return them."""
+    assert gateway.process is not None and gateway.port is not None
+    parent = psutil.Process(gateway.process.pid)
+    deadline = time.monotonic() + timeout
+    while True:
+        children = [c for c in parent.children() if c.status() != psutil.STATUS_ZOMBIE]
+        if len(children) == count and all(_listening(c, gateway.port) for c in children):
+            return children
+        assert time.monotonic() < deadline, (
+            f"children {[c.pid for c in children]} not all listening:\n"
+            + gateway.log_text()[-3000:]
+        )
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[GatewayProcess]:
+    with GatewayProcess(_config(tmp_path / "data"), args=["--workers", str(WORKERS)]) as process:
+        yield process
+
+
+def _round_trips(port: int, workers: list[psutil.Process], count: int, seed: int) -> set[int]:
+    """Upload then download ``count`` objects, one new connection per request; return the pids
+    that answered."""
+    rng = random.Random(seed)
+    bodies = {f"ns/w/{seed}-{i}.bin": rng.randbytes(rng.randint(1, 300_000)) for i in range(count)}
+    answered: list[int | None] = []
+    for key, body in bodies.items():
+        status, reply, sock = _exchange(port, "PUT", _path(key), body)
+        with sock:
+            assert status == 201, reply
+            answered.append(_owner(workers, sock))
+    for key, body in bodies.items():
+        status, reply, sock = _exchange(port, "GET", _path(key))
+        with sock:
+            assert status == 200
+            assert hashlib.sha256(reply).digest() == hashlib.sha256(body).digest(), key
+            answered.append(_owner(workers, sock))
+    assert None not in answered, "a connection was held by no worker"
+    return {pid for pid in answered if pid is not None}
+
+
+def test_two_workers_both_serve_byte_exact(gateway: GatewayProcess) -> None:
+    assert gateway.process is not None and gateway.port is not None
+    workers = _workers(gateway)
+    pids = {w.pid for w in workers}
+    assert len(pids) == WORKERS and gateway.process.pid not in pids
+    answered = _round_trips(gateway.port, workers, 25, seed=1)
+    assert answered == pids, f"answered by {answered}, workers {pids}"
+    # The parent only holds the port (bound, not listening): it serves nothing.
+    assert not _listening(psutil.Process(gateway.process.pid), gateway.port)
+
+
+def test_sigterm_to_the_parent_stops_every_worker(gateway: GatewayProcess) -> None:
+    assert gateway.process is not None and gateway.port is not None
+    workers = _workers(gateway)
+    status, _, sock = _exchange(gateway.port, "GET", "/health/ready")
+    sock.close()
+    assert status == 200
+    started = time.monotonic()
+    gateway.process.send_signal(signal.SIGTERM)
+    assert gateway.process.wait(10) == 0, gateway.log_text()[-3000:]
+    _, alive = psutil.wait_procs(workers, timeout=5)
+    elapsed = time.monotonic() - started
+    assert alive == [], f"workers still running: {alive}"
+    assert elapsed < 8, elapsed
+    with pytest.raises(OSError):
+        socket.create_connection((HOST, gateway.port), timeout=2).close()
+
+
+def test_a_worker_killed_after_its_start_is_replaced(gateway: GatewayProcess) -> None:
+    assert gateway.process is not None and gateway.port is not None
+    ready = time.monotonic()  # the workers were forked before the gateway answered
+    workers = _workers(gateway)
+    # (psutil's create_time is not precise enough here: /proc/stat's boot time is whole
+    # seconds.)
+    time.sleep(max(0.0, ready + CRASH_LOOP_SECONDS + 0.5 - time.monotonic()))
+    victim = workers[0]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(5)
+    deadline = time.monotonic() + 20
+    while True:
+        replaced = _workers(gateway, timeout=20)
+        if victim.pid not in {w.pid for w in replaced}:
+            break
+        assert time.monotonic() < deadline, gateway.log_text()[-3000:]
+        time.sleep(0.05)
+    pids = {w.pid for w in replaced}
+    assert len(pids) == WORKERS and workers[1].pid in pids
+    assert gateway.alive()
+    log = gateway.log_text()
+    assert f"(pid {victim.pid}) exited with status -{int(signal.SIGKILL)}" in log, log[-3000:]
+    assert "died right after its start" not in log
+    answered = _round_trips(gateway.port, replaced, 20, seed=2)
+    assert answered <= pids and answered, answered
+    assert gateway.stop() == 0
+
+
+def _serve(
+    tmp_path: Path, args: list[str], env: dict[str, str] | None = None, port: int | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``gateway serve`` to its end (it is expected to refuse to start)."""
+    config = {
+        "storage": {"type": "local", "local": {"base-path": str(tmp_path / "data")}},
+        "auth": {"enabled": False},
+        "server": {"host": HOST, "port": port if port is not None else free_port()},
+    }
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    environment.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(path), *args],
+        env=environment,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--workers", "0"], {}),
+        (["--workers", "65"], {}),
+        ([], {"GATEWAY_SERVER_WORKERS": "abc"}),
+    ],
+    ids=["flag-0", "flag-65", "env-abc"],
+)
+def test_a_bad_server_workers_is_refused(
+    tmp_path: Path, args: list[str], env: dict[str, str]
+) -> None:
+    result = _serve(tmp_path, args, env)
+    assert result.returncode != 0, result.stderr
+    assert "server.workers" in result.stderr, result.stderr
+    assert "serving on" not in result.stderr
+
+
+def test_a_port_in_use_is_refused(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:  # no SO_REUSEPORT
+        taken.bind((HOST, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = _serve(tmp_path, ["--workers", str(WORKERS)], port=port)
+    assert result.returncode != 0, result.stderr
+    assert f"cannot listen on {HOST}:{port}" in result.stderr, result.stderr
+    assert "serving on" not in result.stderr
