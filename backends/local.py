@@ -28,7 +28,9 @@ import ctypes
 import errno
 import fcntl
 import functools
+import itertools
 import json
+import operator
 import os
 import secrets
 import stat
@@ -1188,26 +1190,36 @@ def _children(fd: int, prefix: str) -> list[Child]:
 def _scan_children(fd: int, prefix: str) -> list[Child]:
     """Given an open directory whose key is ``prefix``, return ``(sort key, name, is_dir)`` of
     its files and subdirectories, sorted; links, special files and ``TMP_DIR`` are left out."""
-    found = []
+    found: list[Child] = []
+    append = found.append
     with os.scandir(fd) as entries:
         for entry in entries:
-            try:
-                is_dir = entry.is_dir(follow_symlinks=False)
-                if not is_dir and not entry.is_file(follow_symlinks=False):
+            name = entry.name
+            try:  # from the directory entry's type: no system call on ext4, xfs, btrfs
+                if entry.is_file(follow_symlinks=False):
+                    is_dir = False
+                elif entry.is_dir(follow_symlinks=False):
+                    is_dir = True
+                else:
                     continue
             except OSError:
                 continue  # removed while we looked
-            name = entry.name
-            try:
-                name.encode()
-            except UnicodeEncodeError:
-                continue  # not UTF-8 on disk: no key can name it
-            full = prefix + name
-            if full == TMP_DIR:
-                continue
-            found.append((f"{full}/" if is_dir else full, name, is_dir))
-    found.sort()
+            if not name.isascii():
+                try:
+                    name.encode()
+                except UnicodeEncodeError:
+                    continue  # not UTF-8 on disk: no key can name it
+            if is_dir:
+                full = prefix + name
+                if full != TMP_DIR:
+                    append((full + "/", name, True))
+            else:
+                append((prefix + name, name, False))
+    found.sort(key=_sort_key)  # sort keys are unique: no need to compare the rest
     return found
+
+
+_sort_key: Final = operator.itemgetter(0)
 
 
 def _list_children(fd: int, prefix: str, limit: int, start_after: str | None) -> Page:
@@ -1216,7 +1228,7 @@ def _list_children(fd: int, prefix: str, limit: int, start_after: str | None) ->
     first = 0 if start_after is None else bisect_right(scan.sort_keys, start_after)
     entries: list[Info] = []
     last = None
-    for sort_key, name, is_dir in children[first:]:
+    for sort_key, name, is_dir in itertools.islice(children, first, None):
         if len(entries) == limit:
             return Page(entries=entries, next_cursor=last)
         try:

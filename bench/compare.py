@@ -120,6 +120,7 @@ LUA: Final = ROOT / "bench" / "lua"
 TENANT: Final = "acme"
 ACCOUNT: Final = "bench"
 SECTIONS: Final = ("large", "small", "s3", "memory", "growth")
+DURABLE: Final = "durable 4 KiB writes, 32 threads (disk limit)"
 GIB: Final = 1 << 30
 SMALL_SIZE: Final = 4096
 SMALL_KEYS: Final = 1000
@@ -138,6 +139,47 @@ CURL_FORMAT: Final = "%{http_code} %{time_total} %{size_download} %{size_upload}
 _OPENER: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 GATEWAY_SERVE: Final = (sys.executable, "-m", "gateway", "serve")
+
+# The durable limit of the "small" section: what 32 threads get from this disk when each
+# 4 KiB object is made as durable as the gateway makes it (temporary file, write, fsync,
+# rename, fsync of the directory), in plain Python with no HTTP at all.
+DURABLE_WRITER: Final = """
+import os, sys, threading, time
+
+folder, seconds, threads = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
+payload = b"d" * 4096
+counts = [0] * threads
+stop = time.monotonic() + seconds
+
+
+def work(number):
+    done = 0
+    while time.monotonic() < stop:
+        temp = os.path.join(folder, f"t{number}-{done}.tmp")
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, payload)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(temp, os.path.join(folder, f"o{number}-{done % 1000}"))
+        directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+        done += 1
+    counts[number] = done
+
+
+started = time.monotonic()
+workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
+for worker in workers:
+    worker.start()
+for worker in workers:
+    worker.join()
+print(sum(counts) / (time.monotonic() - started))
+"""
 
 # The bare aiohttp server of the "large" section: plain web.run_app, default asyncio loop.
 FILE_SERVER: Final = """
@@ -926,13 +968,31 @@ class Bench:
                         record("small", f"{peer} {op}", "ops/s", outcome.ops)
                         record("small", f"{peer} {op} p50", "us", outcome.p50_us)
                         record("small", f"{peer} {op} p99", "us", outcome.p99_us)
+                durable = self.durable_writes()
+                progress(f"small run {run}/{args.runs}: durable 4 KiB writes {durable:.0f} ops/s")
+                record("small", DURABLE, "ops/s", durable)
                 self.phase_rss(gateway, "small", started=True)
         finally:
             self.servers.stop(webdav)
         self.result.ratio("small", "gateway GET", "rclone webdav GET", 1.5)
         self.result.ratio("small", "gateway PUT", "rclone webdav PUT", 1.0)
+        self.result.ratio("small", "gateway PUT", DURABLE)
         self.result.ratio("small", "gateway GET p99", "rclone webdav GET p99")
         self.result.ratio("small", "gateway PUT p99", "rclone webdav PUT p99")
+
+    def durable_writes(self) -> float:
+        """Ops/s of ``DURABLE_WRITER`` (32 threads) for ``--small-duration`` seconds."""
+        folder = self.workdir / "durable"
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir()
+        seconds = self.args.small_duration
+        done = run_tool(
+            [sys.executable, "-c", DURABLE_WRITER, str(folder), str(seconds), "32"],
+            seconds + 60,
+            what="durable 4 KiB writes",
+        )
+        shutil.rmtree(folder, ignore_errors=True)
+        return float(done.stdout.strip().splitlines()[-1])
 
     def wrk(self, op: str, url: str, prefix: str, auth: str, what: str) -> WrkRun:
         duration = self.args.small_duration

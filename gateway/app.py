@@ -237,13 +237,25 @@ def make_backend(config: Config) -> Backend:
     return cls()
 
 
+async def _wait_for_tenant(registry: Registry, tenant_id: str, timeout: float = 10.0) -> None:
+    """Refresh until the snapshot holds a tenant another replica created, so that this one
+    does not answer "no such tenant" for it once ready."""
+    async with asyncio.timeout(timeout):
+        while tenant_id not in registry.snapshot.tenants:
+            await registry.refresh()
+            if tenant_id not in registry.snapshot.tenants:
+                await asyncio.sleep(0.05)
+
+
 async def start_registry(registry: Registry, config: Config) -> None:
     """Load the registry, create the configured tenants, and the first super admin."""
     await registry.start()
     for tenant_id in config["tenants.ids"]:
         if tenant_id not in registry.snapshot.tenants:
-            with contextlib.suppress(Conflict):  # another replica created it meanwhile
+            try:
                 await registry.create_tenant(tenant_id, tenant_id)
+            except Conflict:  # another replica (or worker) created it meanwhile
+                await _wait_for_tenant(registry, tenant_id)
     if not config["auth.enabled"]:
         log.warning("auth.enabled is false: every caller may read and write every tenant")
         return

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -214,6 +215,7 @@ def _supervise(config: Any, count: int) -> int:
             except BaseException:
                 traceback.print_exc()
             finally:
+                logging.shutdown()  # the access lines still buffered
                 sys.stderr.flush()
                 os._exit(code)
         children[pid] = (number, time.monotonic())

@@ -53,6 +53,8 @@ META_PREFIX: Final = "x-meta-"
 _META_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,127}")
 _PRINTABLE: Final = re.compile(r"[\x20-\x7e]*")
 READ_CHUNK: Final = 1 << 20
+WHOLE_BODY_MAX: Final = 64 * 1024
+"""Downloads up to this size are read whole, then sent with their headers in one write."""
 MAX_LIST_LIMIT: Final = 1000
 # Kept tight on purpose: this is the header value downloads are served with.
 _CONTENT_TYPE: Final = re.compile(r"[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(\s*;[\x20-\x7e]*)?")
@@ -282,11 +284,18 @@ async def _send(request: web.Request, physical: str, reader: Reader) -> web.Stre
         return web.Response(status=304, headers={k: headers[k] for k in keep if k in headers})
     byte_range = select_range(request.headers, info)
     start, end = (0, info.size) if byte_range is None else (byte_range.start, byte_range.end)
-    response = web.StreamResponse(status=200 if byte_range is None else 206, headers=headers)
+    status = 200 if byte_range is None else 206
     if byte_range is not None:
-        response.headers["Content-Range"] = byte_range.content_range(info.size)
+        headers["Content-Range"] = byte_range.content_range(info.size)
+    if request.method != "HEAD" and end - start <= WHOLE_BODY_MAX:
+        # A small body is read first and goes out with its headers in one write.
+        chunks = reader.chunks(start, end)
+        data = [await _first(chunks)] if end > start else []
+        data += [chunk async for chunk in chunks]
+        return web.Response(status=status, headers=headers, body=b"".join(data))
+    response = web.StreamResponse(status=status, headers=headers)
     response.content_length = end - start
-    if request.method == "HEAD" or end == start:
+    if request.method == "HEAD":
         await response.prepare(request)
     elif (fd := reader.fileno()) is not None and zerocopy.usable(request):
         # A local file: the kernel sends it (nothing to prefetch, the file is open).
@@ -299,17 +308,21 @@ async def _send(request: web.Request, physical: str, reader: Reader) -> web.Stre
         chunks = reader.chunks(start, end)
         # The first bytes are fetched before the status line is sent: a store failing here
         # still gets an honest error answer (or a retry, if the object was replaced).
-        try:
-            first = await anext(chunks)
-        except ConnectionError as exc:
-            if exc.errno == errno.EAGAIN:  # the backend's "replaced since opened"
-                raise _Replaced from exc
-            raise
+        first = await _first(chunks)
         await response.prepare(request)
         if not await _after_headers(request, _write_all(response, first, chunks)):
             return response
     await response.write_eof()
     return response
+
+
+async def _first(chunks: AsyncIterator[bytes]) -> bytes:
+    try:
+        return await anext(chunks)
+    except ConnectionError as exc:
+        if exc.errno == errno.EAGAIN:  # the backend's "replaced since opened"
+            raise _Replaced from exc
+        raise
 
 
 async def _write_all(

@@ -27,11 +27,12 @@ import asyncio
 import json
 import logging
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Final
+from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -305,10 +306,57 @@ def install_log_filters() -> None:
         server.addFilter(BadRequestLogFilter())
 
 
+class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that writes its lines in batches: at most ``max_bytes`` buffered, and
+    none kept longer than ``max_seconds`` (a timer thread writes them).
+
+    One write per request to a log file costs more than the rest of a small request (two
+    workers appending to one file contend on it); a batch costs one write. What a killed
+    process had buffered, at most ``max_seconds`` of lines, is lost.
+    """
+
+    def __init__(self, stream: Any, max_seconds: float = 0.2, max_bytes: int = 1 << 16) -> None:
+        super().__init__(stream)
+        self.max_seconds = max_seconds
+        self.max_bytes = max_bytes
+        self._pending: list[str] = []
+        self._size = 0
+        self._timer: threading.Timer | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
+        try:
+            line = self.format(record) + self.terminator
+            self._pending.append(line)
+            self._size += len(line)
+            if self._size >= self.max_bytes:
+                self._write()
+            elif self._timer is None:
+                self._timer = threading.Timer(self.max_seconds, self.flush)
+                self._timer.daemon = True
+                self._timer.start()
+        except Exception:
+            self.handleError(record)
+
+    def _write(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._pending:
+            self.stream.write("".join(self._pending))
+            self._pending.clear()
+            self._size = 0
+        self.stream.flush()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write()
+
+
 def configure_logging(level: int = logging.INFO) -> None:
-    """``gateway serve``'s logging: text lines on stderr, access lines as bare JSON on stderr."""
+    """``gateway serve``'s logging: text lines on stderr, access lines as bare JSON on stderr
+    (written in batches, at most 0.2 s late)."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BatchingStreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     access_log.addHandler(handler)
     access_log.setLevel(logging.INFO)

@@ -150,6 +150,9 @@ def test_large_upload_is_stored_whole_and_its_connection_closes(gateway: Gateway
     assert stored.headers["x-meta-execution"] == "e1"
     assert stored.headers["etag"] == answer.headers["etag"]
     assert temp_files(gateway) == []
+    deadline = time.monotonic() + 5  # access lines are written in batches, at most 0.2 s late
+    while '"method": "PUT"' not in gateway.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
     lines = [json.loads(x) for x in gateway.log_text().splitlines() if x.startswith("{")]
     put_line = next(x for x in lines if x["method"] == "PUT")
     assert put_line["bytes_in"] == len(data)
