@@ -1138,7 +1138,9 @@ class _ScanCache:
     count are those it was made under (any entry created, removed or renamed, by this process
     or another, changes them). It is kept only if the directory had not changed for
     ``SETTLED_NS`` before the scan began: a change made within the file system clock's tick
-    of that status would otherwise leave the stamp as it was.
+    of that status would otherwise leave the stamp as it was. A modification time in whole
+    seconds suggests a file system with a coarse clock (1 or 2 s), where that rule does not
+    hold: such a scan is never kept.
     """
 
     SETTLED_NS: Final = 100_000_000
@@ -1162,7 +1164,11 @@ class _ScanCache:
         began = time.time_ns()
         children = _scan_children(fd, prefix)
         scan = _Scan(stamp, prefix, children, [child[0] for child in children])
-        if len(children) >= self.MIN_ENTRIES and began - st.st_mtime_ns > self.SETTLED_NS:
+        if (
+            len(children) >= self.MIN_ENTRIES
+            and began - st.st_mtime_ns > self.SETTLED_NS
+            and st.st_mtime_ns % 1_000_000_000  # whole seconds: a coarse clock, never kept
+        ):
             self._keep(where, scan)
         return scan
 

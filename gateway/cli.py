@@ -12,7 +12,7 @@ import sys
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 from aiohttp import web
@@ -29,6 +29,7 @@ READ_BUFSIZE = 1 << 18
 # A worker that dies within this many seconds of its start is not restarted (it would only
 # die again: the port taken, the configuration refused); the gateway exits instead.
 CRASH_LOOP_SECONDS = 5.0
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 # Worker threads for file system calls. Python's default (cores + 4) caps the fsyncs in
 # flight at six, and small uploads then queue for them; the disk batches many concurrent
 # fsyncs into one journal commit.
@@ -201,24 +202,36 @@ def _supervise(config: Any, count: int) -> int:
     status = 0
 
     def spawn(number: int) -> None:
-        pid = os.fork()
-        if pid == 0:  # the worker
-            code = 1
-            try:
-                reserved.close()
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                _run(config, port, reuse_port=True)
-                code = 0
-            except click.ClickException as exc:
-                exc.show()
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                logging.shutdown()  # the access lines still buffered
-                sys.stderr.flush()
-                os._exit(code)
-        children[pid] = (number, time.monotonic())
+        if stopping:
+            return
+        # SIGTERM/SIGINT wait while the new worker is forked and recorded: stop() then sees
+        # it, and the worker never runs the parent's handler.
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                _worker(mask)
+            children[pid] = (number, time.monotonic())
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+
+    def _worker(mask: set[int | signal.Signals]) -> NoReturn:
+        code = 1
+        try:
+            reserved.close()
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            _run(config, port, reuse_port=True)
+            code = 0
+        except click.ClickException as exc:
+            exc.show()
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            logging.shutdown()  # the access lines still buffered
+            sys.stderr.flush()
+            os._exit(code)
 
     def stop(signum: int, frame: object) -> None:
         nonlocal stopping
@@ -239,7 +252,9 @@ def _supervise(config: Any, count: int) -> int:
             number, started = children.pop(pid)
             code = os.waitstatus_to_exitcode(wait_status)
             if stopping:
-                status = max(status, 1 if code else 0)
+                # Signalled before it set up its own handlers, a worker ends by the signal.
+                clean = code == 0 or -code in STOP_SIGNALS
+                status = max(status, 0 if clean else 1)
                 continue
             click.echo(f"worker {number} (pid {pid}) exited with status {code}", err=True)
             if time.monotonic() - started < CRASH_LOOP_SECONDS:

@@ -153,6 +153,8 @@ async def send_file(
     if transport is None:
         raise ConnectionResetError(errno.ECONNRESET, "the connection closed")
     await _flushed(transport, timeout)
+    if transport.is_closing() or request.transport is not transport:
+        raise ConnectionResetError(errno.ECONNRESET, "the connection closed")
     sock = transport.get_extra_info("socket")
     fds = _Descriptors(sock.fileno(), file_fd)
     try:

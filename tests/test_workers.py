@@ -254,3 +254,55 @@ def test_a_port_in_use_is_refused(tmp_path: Path) -> None:
     assert result.returncode != 0, result.stderr
     assert f"cannot listen on {HOST}:{port}" in result.stderr, result.stderr
     assert "serving on" not in result.stderr
+
+
+def test_sigterm_while_workers_are_still_starting_stops_them_all(tmp_path: Path) -> None:
+    # The signal lands while the parent is still forking: every worker, also those forked
+    # after it, must stop, and the parent must not wait forever for them.
+    config = {
+        "storage": {"type": "local", "local": {"base-path": str(tmp_path / "data")}},
+        "auth": {"enabled": False},
+        "server": {"host": HOST, "port": free_port()},
+    }
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(path), "--workers", "16"],
+        env=environment,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        parent = psutil.Process(process.pid)
+        deadline = time.monotonic() + 20
+        while not parent.children() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert parent.children(), "no worker was started"
+        process.send_signal(signal.SIGTERM)
+        seen = {child.pid for child in parent.children()}
+        try:
+            _, stderr = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            left = [child.pid for child in parent.children()]
+            raise AssertionError(
+                f"the gateway did not stop; workers still running: {left}"
+            ) from None
+        assert process.returncode == 0, stderr[-2000:]
+        assert not [pid for pid in seen if psutil.pid_exists(pid) and _alive(pid)]
+    finally:
+        if process.poll() is None:
+            for child in psutil.Process(process.pid).children():
+                child.kill()
+            process.kill()
+            process.wait()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False

@@ -624,10 +624,14 @@ async def list_all(store: LocalBackend, key: str, limit: int = 500) -> list[str]
             return found
 
 
-def settle(directory: Path) -> None:
-    """Date the directory's last change a minute back, as if nothing had touched it since."""
-    past = directory.stat().st_mtime - 60
-    os.utime(directory, (past, past))
+def settle(directory: Path, *, whole_seconds: bool = False) -> None:
+    """Date the directory's last change a minute back, as if nothing had touched it since
+    (``whole_seconds``: on a whole second, as a file system with a coarse clock would)."""
+    past = directory.stat().st_mtime_ns - 60 * 10**9
+    past -= past % 10**9
+    if not whole_seconds:
+        past += 123_456_789
+    os.utime(directory, ns=(past, past))
 
 
 async def test_paging_a_large_directory_sees_every_change(store: LocalBackend) -> None:
@@ -668,3 +672,14 @@ async def test_a_directory_changed_just_before_its_scan_is_not_kept(store: Local
     settle(folder)
     await list_all(store, "hot")
     assert len(local_module._SCANS._scans) == len(kept_before) + 1
+
+
+async def test_a_directory_with_a_coarse_clock_is_never_kept(store: LocalBackend) -> None:
+    folder = base(store) / "coarse"
+    folder.mkdir()
+    for i in range(local_module._ScanCache.MIN_ENTRIES):
+        (folder / f"o{i:05d}").write_bytes(b"x")
+    settle(folder, whole_seconds=True)
+    kept_before = dict(local_module._SCANS._scans)
+    await list_all(store, "coarse")
+    assert local_module._SCANS._scans.keys() == kept_before.keys()
