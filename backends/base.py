@@ -24,7 +24,9 @@ puts a common prefix, so a cursor means the same thing on every backend.
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -295,3 +297,21 @@ def metadata_size(metadata: Mapping[str, str]) -> int:
 def no_space(message: str = "no space left in the store") -> OSError:
     """Return the error a backend raises when the store is full."""
     return OSError(errno.ENOSPC, message)
+
+
+async def close_when_idle(lock: threading.Lock, close: Callable[[], None]) -> None:
+    """Run ``close`` holding ``lock``, the lock a worker thread holds while it uses what
+    ``close`` releases: at once if it is free, else in a thread once that call has returned,
+    so the event loop never blocks on it and no descriptor is closed under a running call."""
+    if lock.acquire(blocking=False):
+        try:
+            close()
+        finally:
+            lock.release()
+        return
+
+    def locked() -> None:
+        with lock:
+            close()
+
+    await asyncio.to_thread(locked)

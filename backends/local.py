@@ -62,6 +62,7 @@ from .base import (
     Page,
     Reader,
     SocketBody,
+    close_when_idle,
 )
 
 CHUNK_SIZE: Final = 1024 * 1024
@@ -325,13 +326,7 @@ class LocalReader(Reader):
             self._close_locked()
 
     async def close(self) -> None:
-        if self._lock.acquire(blocking=False):
-            try:
-                self._close_locked()
-            finally:
-                self._lock.release()
-        else:
-            await asyncio.to_thread(self._close)
+        await close_when_idle(self._lock, self._close_locked)
 
     def __del__(self) -> None:
         # A reader dropped without close() must not leak its descriptor.
@@ -513,6 +508,14 @@ def _start_writeback(fd: int, offset: int, size: int) -> None:
     """
     if _SYNC_FILE_RANGE is not None and size > 0:
         _SYNC_FILE_RANGE(fd, offset, size, _SYNC_FILE_RANGE_WRITE)
+
+
+def _prepare(
+    key: str, content_type: str | None, metadata: Mapping[str, str] | None
+) -> tuple[list[str], Mapping[str, str], bytes | None]:
+    """A write's key segments, checked metadata and extended attribute."""
+    metadata = normalise_metadata(metadata)
+    return _split(key), metadata, _encode_xattr(content_type, metadata)
 
 
 async def _until(chunks: AsyncIterator[bytes], size: int) -> AsyncIterator[bytes]:
@@ -814,9 +817,7 @@ class LocalBackend(Backend):
             head.append(chunk)
             size += len(chunk)
         if size < CHUNK_SIZE:
-            segments = _split(key)
-            metadata = normalise_metadata(metadata)
-            xattr = _encode_xattr(content_type, metadata)
+            segments, metadata, xattr = _prepare(key, content_type, metadata)
             cancelled = threading.Event()
             try:
                 st = await asyncio.to_thread(
@@ -894,9 +895,7 @@ class LocalBackend(Backend):
     ) -> Info:
         """Open a temporary file, let ``fill`` write the body into it (it returns the bytes it
         left for the end), make it durable and give it its name; on any failure, remove it."""
-        segments = _split(key)
-        metadata = normalise_metadata(metadata)
-        xattr = _encode_xattr(content_type, metadata)
+        segments, metadata, xattr = _prepare(key, content_type, metadata)
         loop = asyncio.get_running_loop()
         opening = loop.run_in_executor(None, self._begin_write, segments, key, exclusive)
         try:

@@ -33,10 +33,10 @@ Sections (``--only``; all by default), in this order:
    directory cache never shows a file of an earlier run); every object is deleted at the end
    of its run. Reported in MB/s (10**6 bytes per second).
 2. ``small``: 4 KiB objects, ``wrk -t2 -c32 -d<--small-duration>s --latency --timeout 10s``
-   with ``bench/lua/put.lua`` (each thread PUTs over its own 1,000 keys) and
-   ``bench/lua/get.lua`` (random GETs of 1,000 objects uploaded beforehand through each peer's
-   own HTTP API, 32 at a time), against the gateway and ``rclone serve webdav`` (Basic auth).
-   The scripts print one JSON line (requests, duration, socket errors, statuses, p50/p99); a
+   with ``bench/lua/small.lua`` (PUT: each thread over its own 1,000 keys; GET: random GETs
+   of 1,000 objects uploaded beforehand through each peer's own HTTP API, 32 at a time),
+   against the gateway and ``rclone serve webdav`` (Basic auth).
+   The script prints one JSON line (requests, duration, socket errors, statuses, p50/p99); a
    run with more than 0.1 % of non-2xx answers or socket errors fails the benchmark.
    Reported: requests/s, p50 and p99 latency in microseconds.
 3. ``s3``: moto's S3 server (``tests.support.moto``) on a free port with one bucket, and a
@@ -996,7 +996,6 @@ class Bench:
 
     def wrk(self, op: str, url: str, prefix: str, auth: str, what: str) -> WrkRun:
         duration = self.args.small_duration
-        script = LUA / f"{op.lower()}.lua"
         done = run_tool(
             [
                 self.tools["wrk"],
@@ -1007,9 +1006,10 @@ class Bench:
                 "--timeout",
                 "10s",
                 "-s",
-                str(script),
+                str(LUA / "small.lua"),
                 url,
                 "--",
+                op,
                 prefix,
                 auth,
             ],

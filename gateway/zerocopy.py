@@ -27,7 +27,7 @@ from typing import Final
 
 from aiohttp import web
 
-from backends.base import SocketBody
+from backends.base import SocketBody, close_when_idle
 
 from .errors import BadRequest, RequestTimeout
 
@@ -99,18 +99,9 @@ class _Descriptors:
             os.close(self.out)
             os.close(self.src)
 
-    def close_in_thread(self) -> None:
-        with self._lock:
-            self._close_locked()
-
     async def close(self) -> None:
-        if self._lock.acquire(blocking=False):
-            try:
-                self._close_locked()
-            finally:
-                self._lock.release()
-        else:  # a slice still runs in its thread (the task was cancelled): wait for it there
-            await asyncio.to_thread(self.close_in_thread)
+        # A slice may still run in its thread (the task was cancelled): it waits for it.
+        await close_when_idle(self._lock, self._close_locked)
 
 
 async def _ready(fd: int, timeout: float, *, write: bool) -> None:

@@ -1,10 +1,12 @@
--- wrk script for bench/compare.py: GET one of 1,000 pre-populated objects per request.
+-- wrk script for bench/compare.py: 4 KiB objects, GET or PUT.
 --
--- Arguments after `--`: the path prefix (ending in "/") and the Authorization header value.
--- The objects <prefix>k0 .. <prefix>k999 must exist (the harness uploads them first); each
--- thread (numbered by setup, which seeds its random sequence) picks keys at random. done()
--- prints one line, "BENCH-JSON {...}", which the harness parses: requests, duration, errors
--- (socket errors and every non-2xx status, by status) and the latency percentiles in
+-- Arguments after `--`: the operation (GET or PUT), the path prefix (ending in "/") and the
+-- Authorization header value.
+-- GET: the objects <prefix>k0 .. <prefix>k999 must exist (the harness uploads them first);
+-- each thread (numbered by setup, which seeds its random sequence) picks keys at random.
+-- PUT: each thread writes the keys <prefix>t<thread>-k<0..999> in turn, a 4 KiB body each.
+-- done() prints one line, "BENCH-JSON {...}", which the harness parses: requests, duration,
+-- errors (socket errors and every non-2xx status, by status) and the latency percentiles in
 -- microseconds.
 
 local threads = {}
@@ -17,13 +19,23 @@ function setup(thread)
 end
 
 function init(args)
-   prefix = args[1]
-   wrk.headers["Authorization"] = args[2]
+   operation = args[1]
+   prefix = args[2]
+   wrk.headers["Authorization"] = args[3]
+   if operation == "PUT" then
+      wrk.headers["Content-Type"] = "application/octet-stream"
+      payload = string.rep("b", 4096)
+   end
    math.randomseed(id * 7919)
+   sent = 0
    statuses = {}
 end
 
 function request()
+   if operation == "PUT" then
+      sent = sent + 1
+      return wrk.format("PUT", prefix .. "t" .. id .. "-k" .. (sent % 1000), nil, payload)
+   end
    return wrk.format("GET", prefix .. "k" .. math.random(0, 999))
 end
 
