@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The suite runs on every core (pytest-xdist); XDIST= runs it in one process.
+XDIST  ?= -n auto
 
 .PHONY: run test lint bench clean
 
@@ -17,7 +19,7 @@ run: $(STAMP)
 	$(BIN)/gateway serve $(if $(CONFIG),--config $(CONFIG),)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
