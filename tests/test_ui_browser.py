@@ -198,9 +198,10 @@ def test_upload_download_preview_and_delete_a_file(
     expect(page.locator("#dialog-message")).to_have_text("Delete “notes from the browser.txt”?")
     page.click("#dialog-ok")
     expect(row).to_have_count(0)
-    assert call(f"{gateway.url}/api/v1/acme/stats/notes%20from%20the%20browser.txt", auth=ALICE)[
-        0
-    ] == 404
+    assert (
+        call(f"{gateway.url}/api/v1/acme/stats/notes%20from%20the%20browser.txt", auth=ALICE)[0]
+        == 404
+    )
 
 
 def test_create_a_tenant_from_administration_tenants(
