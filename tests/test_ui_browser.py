@@ -154,6 +154,26 @@ def test_sign_in_dropdown_lists_only_the_users_tenants_and_switching_changes_url
     expect(page.locator("#listing")).to_contain_text("q1.csv")
     expect(page.locator(".breadcrumbs")).to_have_text("acme/reports")
 
+    # Pages of a folder: two entries a page here (?limit=2), Next and Previous.
+    for name in ("q2.csv", "q3.csv"):
+        assert (
+            call(f"{gateway.url}/api/v1/acme/files/reports/{name}", "PUT", ALICE, data=b"x")[0]
+            == 201
+        )
+    page.goto(f"{gateway.url}/ui/acme/files/reports/?limit=2")
+    rows = page.locator("#listing tbody tr")
+    expect(rows).to_have_count(2)
+    expect(page.locator("#page-previous")).to_be_disabled()
+    page.click("#page-next")
+    expect(rows).to_have_count(1)
+    expect(rows).to_contain_text("q3.csv")
+    expect(page.locator("#page-next")).to_be_disabled()
+    page.click("#page-previous")
+    expect(rows).to_have_count(2)
+    expect(page.locator("#listing")).to_contain_text("q1.csv")
+    page.click(".breadcrumbs a")  # back to the tenant's root
+    expect(page).to_have_url(f"{gateway.url}/ui/acme/files/")
+
 
 def test_upload_download_preview_and_delete_a_file(
     gateway: GatewayProcess, context: BrowserContext, tmp_path: Path

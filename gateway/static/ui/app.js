@@ -203,7 +203,7 @@ async function loadTenants() {
   const session = state.session;
   const bound = new Set(session.bindings.map((b) => b.tenant));
   const tenants = [];
-  if (session.tenancy.nullTenant && (session.superAdmin || bound.has(null) || session.kind === "anonymous")) {
+  if (session.tenancy.nullTenant && (bound.has(null) || session.kind === "anonymous")) {
     tenants.push({ id: NULL_TENANT, name: "Default tenant" });
   }
   if (session.tenancy.enabled) {
@@ -350,7 +350,9 @@ async function renderFiles(folder) {
     state.page = 0;
   }
   const cursor = state.cursors[state.page];
-  const query = new URLSearchParams({ limit: String(PAGE_SIZE) });
+  const asked = Number(new URLSearchParams(location.search).get("limit"));
+  const limit = Number.isInteger(asked) && asked >= 1 && asked <= 1000 ? asked : PAGE_SIZE;
+  const query = new URLSearchParams({ limit: String(limit) });
   if (cursor) query.set("cursor", cursor);
   const listUrl = `${base}/list${key ? "/" + encodeKey(key) : ""}?${query}`;
 
