@@ -80,6 +80,8 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
         assert url is not None
         user = {"username": "alice", "password": ALICE_PASSWORD, "canCreateTenants": True}
         assert call(f"{url}/api/v1/users", "POST", body=user)[0] == 201
+        bob = {"username": "bob", "password": "bob password 123"}
+        assert call(f"{url}/api/v1/users", "POST", body=bob)[0] == 201
         for tenant in ("acme", "beta"):
             binding = {"tenant": tenant, "kind": "user", "subject": "alice", "role": "EDITOR"}
             assert call(f"{url}/api/v1/bindings", "PUT", body=binding)[0] == 200
@@ -203,6 +205,21 @@ def test_upload_download_preview_and_delete_a_file(
     expect(page.locator("#listing tr[data-key='dropped.txt']")).to_contain_text("7 B")
     shot(page, "file-listing.png")
 
+    # New folder, then move a file into it (both through the page's dialog).
+    page.click("#new-folder")
+    page.fill("#dialog-input", "archive")
+    page.click("#dialog-ok")
+    expect(page.locator("#listing tr[data-key='archive'] a.dir")).to_have_text("archive/")
+    page.locator("#listing tr[data-key='dropped.txt'] button.rename").click()
+    expect(page.locator("#dialog-input")).to_have_value("dropped.txt")
+    page.fill("#dialog-input", "archive/dropped.txt")
+    page.click("#dialog-ok")
+    expect(page.locator("#listing tr[data-key='dropped.txt']")).to_have_count(0)
+    assert call(f"{gateway.url}/api/v1/acme/files/archive/dropped.txt", auth=ALICE) == (
+        200,
+        b"dropped",
+    )
+
     row.locator("button.file").click()
     expect(page.locator("#preview-text")).to_have_text(content.decode())
     expect(page.locator("#preview-uri")).to_have_value("kestra:///notes%20from%20the%20browser.txt")
@@ -247,6 +264,39 @@ def test_create_a_tenant_from_administration_tenants(
     status, body = call(f"{gateway.url}/api/v1/me", auth=ALICE)
     roles = {b["tenant"]: b["role"] for b in json.loads(body)["bindings"]}
     assert status == 200 and roles["stage"] == "ADMIN"
+
+    # Administration -> Members of the new tenant, for its admin: grant bob a role.
+    page.click("#tenant-menu [data-tenant=stage] a")
+    page.click("#admin-button")
+    page.click("#nav-members")
+    expect(page).to_have_url(f"{gateway.url}/ui/stage/admin/members")
+    expect(page.locator("#members")).to_contain_text("alice")
+    page.fill("#grant input[name=subject]", "bob")
+    page.select_option("#grant select[name=role]", "VIEWER")
+    page.click("#grant button[type=submit]")
+    expect(page.locator("#members")).to_contain_text("bob")
+    status, body = call(f"{gateway.url}/api/v1/me", auth=_basic("bob", "bob password 123"))
+    assert [(b["tenant"], b["role"]) for b in json.loads(body)["bindings"]] == [("stage", "VIEWER")]
+
+
+def test_a_super_admin_soft_deletes_and_restores_a_tenant(
+    gateway: GatewayProcess, context: BrowserContext
+) -> None:
+    page = context.new_page()
+    sign_in(page, str(gateway.url), "root", ROOT_PASSWORD)
+    # No role on any tenant's files: nothing in the dropdown, Administration still there.
+    expect(page.locator("#main")).to_contain_text("no access to any tenant")
+    page.click("#admin-button")
+    page.click("#nav-tenants")
+    row = page.locator("#tenants tr[data-tenant=gamma]")
+    expect(row).to_contain_text("active")
+    row.get_by_role("button", name="Delete").click()
+    page.click("#dialog-ok")
+    expect(row).to_contain_text("deleted")
+    assert json.loads(call(f"{gateway.url}/api/v1/tenants/gamma")[1])["deleted"] is True
+    row.get_by_role("button", name="Restore").click()
+    expect(row).to_contain_text("active")
+    assert json.loads(call(f"{gateway.url}/api/v1/tenants/gamma")[1])["deleted"] is False
 
 
 def test_a_hostile_file_name_is_shown_as_text_and_runs_no_script(

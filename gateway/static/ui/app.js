@@ -580,7 +580,9 @@ async function showPreview(tenant, entry) {
   );
   let response;
   try {
-    response = await api("GET", url, { raw: true, headers: { Range: `bytes=0-${PREVIEW_BYTES - 1}` } });
+    // The first MiB only (a Range on an empty file would be refused: none asked then).
+    const headers = entry.size > PREVIEW_BYTES ? { Range: `bytes=0-${PREVIEW_BYTES - 1}` } : {};
+    response = await api("GET", url, { raw: true, headers });
   } catch (error) {
     content.textContent = error.message;
     return;
