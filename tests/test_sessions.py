@@ -78,6 +78,13 @@ async def test_cookie_is_httponly_strict_and_secure_only_behind_a_trusted_tls_pr
     assert "Secure" in header and "HttpOnly" in header
     _, header, _ = await _sign_in(proxied, **{"X-Forwarded-Proto": "http"})
     assert "Secure" not in header
+    # Behind the proxy, the page's origin is the proxy's host; trusted only when configured.
+    forwarded = {"X-Forwarded-Host": "gw.example", "Origin": "https://gw.example"}
+    _, header, _ = await _sign_in(proxied, **forwarded, **{"X-Forwarded-Proto": "https"})
+    assert "Secure" in header
+    form = {"username": "alice", "password": ALICE_PASSWORD}
+    refused = await plain.post("/api/v1/session", data=form, headers=forwarded)
+    assert refused.status == 403
 
 
 async def test_a_change_with_the_cookie_needs_the_csrf_token_basic_auth_does_not(

@@ -25,7 +25,9 @@ from tests.support.gateway_process import GatewayProcess
 pytestmark = pytest.mark.slow
 
 CHROMIUM: Final = os.environ.get("GATEWAY_TEST_CHROMIUM", "/usr/bin/chromium")
-SCREENSHOTS: Final = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+# The README's screenshots are rewritten only when asked (UPDATE_SCREENSHOTS=1): a plain run
+# takes them all the same, into a temporary folder, and leaves the work tree as it was.
+DOCS_SCREENSHOTS: Final = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
 ROOT_PASSWORD: Final = "root password for tests"
 ALICE_PASSWORD: Final = "alice password 123"
 HOSTILE: Final = "<img src=x onerror=alert(1)>.txt"
@@ -117,13 +119,21 @@ def sign_in(page: Page, url: str, user: str = "alice", password: str = ALICE_PAS
     expect(page.locator("#header")).to_be_visible()
 
 
-def shot(page: Page, name: str) -> None:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / name))
+@pytest.fixture(scope="module")
+def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if os.environ.get("UPDATE_SCREENSHOTS") == "1":
+        DOCS_SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        return DOCS_SCREENSHOTS
+    return tmp_path_factory.mktemp("screenshots")
+
+
+def shot(page: Page, folder: Path, name: str) -> None:
+    page.screenshot(path=str(folder / name))
+    assert (folder / name).read_bytes().startswith(b"\x89PNG")
 
 
 def test_sign_in_dropdown_lists_only_the_users_tenants_and_switching_changes_url_and_listing(
-    gateway: GatewayProcess, context: BrowserContext
+    gateway: GatewayProcess, context: BrowserContext, screenshots: Path
 ) -> None:
     page = context.new_page()
     page.goto(f"{gateway.url}/ui/")
@@ -143,7 +153,7 @@ def test_sign_in_dropdown_lists_only_the_users_tenants_and_switching_changes_url
     options = page.locator("#tenant-menu [role=option]")
     expect(options).to_have_count(2)  # not gamma: alice has no role there
     assert [o.get_attribute("data-tenant") for o in options.all()] == ["acme", "beta"]
-    shot(page, "tenant-dropdown.png")
+    shot(page, screenshots, "tenant-dropdown.png")
 
     page.click("#tenant-menu [data-tenant=beta] a")
     expect(page).to_have_url(f"{gateway.url}/ui/beta/files/")
@@ -178,7 +188,7 @@ def test_sign_in_dropdown_lists_only_the_users_tenants_and_switching_changes_url
 
 
 def test_upload_download_preview_and_delete_a_file(
-    gateway: GatewayProcess, context: BrowserContext, tmp_path: Path
+    gateway: GatewayProcess, context: BrowserContext, tmp_path: Path, screenshots: Path
 ) -> None:
     page = context.new_page()
     sign_in(page, str(gateway.url))
@@ -203,7 +213,7 @@ def test_upload_download_preview_and_delete_a_file(
         }"""
     )
     expect(page.locator("#listing tr[data-key='dropped.txt']")).to_contain_text("7 B")
-    shot(page, "file-listing.png")
+    shot(page, screenshots, "file-listing.png")
 
     # New folder, then move a file into it (both through the page's dialog).
     page.click("#new-folder")
@@ -242,7 +252,7 @@ def test_upload_download_preview_and_delete_a_file(
 
 
 def test_create_a_tenant_from_administration_tenants(
-    gateway: GatewayProcess, context: BrowserContext
+    gateway: GatewayProcess, context: BrowserContext, screenshots: Path
 ) -> None:
     page = context.new_page()
     sign_in(page, str(gateway.url))
@@ -253,7 +263,7 @@ def test_create_a_tenant_from_administration_tenants(
     page.click("#create-tenant-button")
     page.fill("#create-tenant input[name=id]", "stage")
     page.fill("#create-tenant input[name=name]", "Staging")
-    shot(page, "create-tenant.png")
+    shot(page, screenshots, "create-tenant.png")
     page.click("#create-tenant-submit")
     expect(page.locator("#tenant-notice")).to_have_text(
         "Tenant stage created. You have the Admin role on it."
