@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -49,8 +50,11 @@ def call(
     body: Any = None,
     data: bytes | None = None,
     cookie: str | None = None,
+    content_type: str | None = None,
 ) -> tuple[int, bytes]:
     headers = {"Authorization": auth} if auth else {}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
     if cookie is not None:
         headers["Cookie"] = f"gateway_session={cookie}"
     if body is not None:
@@ -352,3 +356,66 @@ def test_session_cookie_needs_the_csrf_token_to_change_anything_and_sign_out_end
     assert status == 401 and b"sign in again" in body
     page.goto(f"{gateway.url}/ui/acme/files/")
     expect(page.locator("#sign-in")).to_be_visible()
+
+
+def test_an_image_is_previewed_from_a_blob(
+    gateway: GatewayProcess, context: BrowserContext
+) -> None:
+    page = context.new_page()
+    sign_in(page, str(gateway.url))
+    png = page.screenshot(clip={"x": 0, "y": 0, "width": 40, "height": 30})
+    status, _ = call(
+        f"{gateway.url}/api/v1/beta/files/pictures/shot.png", "PUT", ALICE, data=png,
+        content_type="image/png",
+    )  # fmt: skip
+    assert status == 201
+    page.goto(f"{gateway.url}/ui/beta/files/pictures/")
+    page.locator("#listing button.file", has_text="shot.png").click()
+    image = page.locator("#preview img")
+    expect(image).to_have_attribute("src", re.compile(r"^blob:"))
+    page.wait_for_function("() => document.querySelector('#preview img').naturalWidth > 0")
+    assert image.evaluate("img => [img.naturalWidth, img.naturalHeight]") == [40, 30]
+
+
+def test_the_null_tenant_is_in_the_dropdown_where_it_is_served(
+    tmp_path: Path, browser: Browser
+) -> None:
+    config = {
+        "storage.type": "local",
+        "storage.local.base-path": str(tmp_path / "data"),
+        "tenants.enabled": True,
+        "tenants.default-tenant": True,
+        "tenants.ids": ["acme"],
+        "admin.username": "root",
+        "admin.password": ROOT_PASSWORD,
+        "admin.password-file": str(tmp_path / "admin.txt"),
+    }
+    with GatewayProcess(config) as process:
+        url = str(process.url)
+        user = {"username": "alice", "password": ALICE_PASSWORD}
+        assert call(f"{url}/api/v1/users", "POST", body=user)[0] == 201
+        for tenant in (None, "acme"):
+            binding = {"tenant": tenant, "kind": "user", "subject": "alice", "role": "EDITOR"}
+            assert call(f"{url}/api/v1/bindings", "PUT", body=binding)[0] == 200
+        assert call(f"{url}/api/v1/files/root-file.txt", "PUT", ALICE, data=b"n")[0] == 201
+        assert call(f"{url}/api/v1/acme/files/acme-file.txt", "PUT", ALICE, data=b"a")[0] == 201
+        ctx = browser.new_context()
+        try:
+            page = ctx.new_page()
+            sign_in(page, url)
+            expect(page).to_have_url(f"{url}/ui/default/files/")
+            page.click("#tenant-button")
+            options = page.locator("#tenant-menu [role=option]")
+            assert [o.get_attribute("data-tenant") for o in options.all()] == ["default", "acme"]
+            expect(options.first).to_have_text("Default tenant")
+            listing = page.locator("#listing")
+            expect(listing).to_contain_text("root-file.txt")
+            # The null tenant's root holds every tenant's folder: none of it shows.
+            expect(listing).not_to_contain_text("tenants")
+            expect(listing).not_to_contain_text(".gateway")
+            page.click("#tenant-menu [data-tenant=acme] a")
+            expect(page).to_have_url(f"{url}/ui/acme/files/")
+            expect(listing).to_contain_text("acme-file.txt")
+            expect(listing).not_to_contain_text("root-file.txt")
+        finally:
+            ctx.close()
