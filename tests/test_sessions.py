@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.client
+import json
+import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,8 @@ from aiohttp.test_utils import TestClient
 from gateway import config
 from gateway.app import create_app
 from gateway.sessions import COOKIE, SESSIONS, SESSIONS_PREFIX
+from tests.support.gateway_process import GatewayProcess
+from tests.test_workers import _owner, _workers
 
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[[web.Application], Awaitable[Client]]
@@ -220,3 +226,70 @@ async def test_pages_are_served_with_a_csp_without_inline_script(
     assert "innerHTML" not in await script.text()
     assert (await client.get("/ui/static/missing.js")).status == 404
     assert (await client.get("/ui/static/..%2fapp.py")).status == 404
+
+
+def _call(
+    port: int,
+    workers: list[Any],
+    method: str,
+    path: str,
+    headers: dict[str, str],
+    body: bytes = b"",
+) -> tuple[int, bytes, dict[str, str], int | None]:
+    """One request on a new connection; return status, body, headers and the worker's pid."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.request(method, path, body=body or None, headers=headers)
+        response = connection.getresponse()
+        reply = response.read()
+        return response.status, reply, dict(response.getheaders()), _owner(workers, connection.sock)
+    finally:
+        connection.close()
+
+
+@pytest.mark.slow
+def test_a_session_works_on_every_worker_and_sign_out_ends_it_on_all(tmp_path: Path) -> None:
+    values = _values(tmp_path, **{"auth.cache-seconds": 0.2})
+    with GatewayProcess(values, args=["--workers", "2"]) as gateway:
+        assert gateway.port is not None
+        port = gateway.port
+        workers = _workers(gateway, 2)
+
+        def call(method: str, path: str, headers: dict[str, str], body: bytes = b"") -> Any:
+            return _call(port, workers, method, path, headers, body)
+
+        user = json.dumps({"username": "alice", "password": ALICE_PASSWORD}).encode()
+        assert (
+            call("POST", "/api/v1/users", {**ROOT, "Content-Type": "application/json"}, user)[0]
+            == 201
+        )
+        bind = {"tenant": "acme", "kind": "user", "subject": "alice", "role": "EDITOR"}
+        headers = {**ROOT, "Content-Type": "application/json"}
+        assert call("PUT", "/api/v1/bindings", headers, json.dumps(bind).encode())[0] == 200
+        time.sleep(0.5)  # both workers' registries have alice
+        form = urllib.parse.urlencode({"username": "alice", "password": ALICE_PASSWORD})
+        status, reply, answer, _ = call(
+            "POST",
+            "/api/v1/session",
+            {"Content-Type": "application/x-www-form-urlencoded"},
+            form.encode(),
+        )
+        assert status == 200, reply
+        cookie = answer["Set-Cookie"].split(";")[0]
+        csrf = json.loads(reply)["csrfToken"]
+        owners = set()
+        for i in range(16):
+            with_cookie = {"Cookie": cookie, "X-CSRF-Token": csrf}
+            status, reply, _, owner = call("PUT", f"/api/v1/acme/files/w{i}", with_cookie, b"x")
+            assert status == 201, reply
+            status, reply, _, owner2 = call("GET", "/api/v1/acme/list", {"Cookie": cookie})
+            assert status == 200, reply
+            owners |= {owner, owner2}
+        assert owners == {w.pid for w in workers}
+        status, _, _, _ = call(
+            "DELETE", "/api/v1/session", {"Cookie": cookie, "X-CSRF-Token": csrf}
+        )
+        assert status == 204
+        time.sleep(0.3)  # auth.cache-seconds
+        for _ in range(8):
+            assert call("GET", "/api/v1/acme/list", {"Cookie": cookie})[0] == 401
