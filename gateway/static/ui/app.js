@@ -589,13 +589,14 @@ async function showPreview(tenant, entry) {
   }
   const type = (response.headers.get("Content-Type") || "").split(";")[0].trim().toLowerCase();
   const data = await response.arrayBuffer();
-  const cut = entry.size > PREVIEW_BYTES ? " (first MiB)" : "";
+  const cut = entry.size > PREVIEW_BYTES;
   if (IMAGE_TYPES.has(type)) {
     const image = h("img", { alt: entry.fileName, src: URL.createObjectURL(new Blob([data], { type })) });
     content.replaceChildren(image);
   } else if (TEXT_TYPES.test(type) || TEXT_EXTENSIONS.test(entry.fileName)) {
     const text = new TextDecoder("utf-8").decode(data);
-    content.replaceChildren(h("pre", { id: "preview-text" }, text), cut ? h("p", { class: "note" }, cut) : null);
+    content.replaceChildren(h("pre", { id: "preview-text" }, text));
+    if (cut) content.append(h("p", { class: "note" }, `Shown: the first MiB of ${formatSize(entry.size)}.`));
   } else {
     content.textContent = "No preview for this type of file: download it.";
   }
@@ -754,6 +755,8 @@ async function renderMembers() {
             type: "button",
             class: "link danger",
             onclick: async () => {
+              const who = `${binding.kind} ${binding.subject}`;
+              if (!(await ask(`Revoke the ${binding.role} role of ${who}?`, { okLabel: "Revoke" }))) return;
               try {
                 await api("DELETE", "/api/v1/bindings", { json: { tenant: binding.tenant, kind: binding.kind, subject: binding.subject } });
                 await renderMembers();
