@@ -3,9 +3,9 @@
 Identity: HTTP Basic for users, ``Authorization: Bearer`` for service-account tokens
 (``gateway.registry`` verifies both in constant time), or, without an ``Authorization`` header,
 the web UI's session cookie (``gateway.sessions``), whose mutating requests must also carry the
-session's CSRF token. Access: a role binding of the identity on
-the scope. A super admin manages tenants and identities but reads or writes no tenant's files
-without a binding, as the seed says.
+session's CSRF token. Access: a role binding of the identity on the scope. A super admin
+manages tenants and identities but reads or writes no tenant's files without a binding, as the
+seed says.
 
 Every check reads ``registry.snapshot``, an in-memory view: no I/O on the request path, and a
 cost that does not grow with the number of tenants (dictionary look-ups).
