@@ -236,7 +236,12 @@ def test_upload_download_preview_and_delete_a_file(
 
     row.locator("button.file").click()
     expect(page.locator("#preview-text")).to_have_text(content.decode())
-    expect(page.locator("#preview-uri")).to_have_value("kestra:///notes%20from%20the%20browser.txt")
+    uri = "kestra:///notes%20from%20the%20browser.txt"
+    expect(page.locator("#preview-uri")).to_have_value(uri)
+    context.grant_permissions(["clipboard-read", "clipboard-write"], origin=str(gateway.url))
+    page.locator("#preview").get_by_role("button", name="Copy").click()
+    expect(page.locator("#status")).to_have_text(f"Copied {uri}")
+    assert page.evaluate("() => navigator.clipboard.readText()") == uri
 
     with page.expect_download() as info:
         row.locator("a.download").click()
