@@ -3,7 +3,7 @@ by another process over the same store, and the static pages' headers.
 
 Two applications over one local store stand for two workers (``serve --workers N``) or two
 replicas: a session made by one is honoured by the other, and a sign-out in one ends it in the
-other within ``auth.cache-seconds``.
+other within ``auth.cache-seconds``; one test does the same on a real ``serve --workers 2``.
 """
 
 from __future__ import annotations
