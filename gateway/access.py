@@ -1,9 +1,11 @@
 """Who is calling, and may they do this in this scope?
 
 Identity: HTTP Basic for users, ``Authorization: Bearer`` for service-account tokens
-(``gateway.registry`` verifies both in constant time). Access: a role binding of the identity on
-the scope. A super admin manages tenants and identities but reads or writes no tenant's files
-without a binding, as the seed says.
+(``gateway.registry`` verifies both in constant time), or, without an ``Authorization`` header,
+the web UI's session cookie (``gateway.sessions``), whose mutating requests must also carry the
+session's CSRF token. Access: a role binding of the identity on the scope. A super admin
+manages tenants and identities but reads or writes no tenant's files without a binding, as the
+seed says.
 
 Every check reads ``registry.snapshot``, an in-memory view: no I/O on the request path, and a
 cost that does not grow with the number of tenants (dictionary look-ups).
@@ -13,14 +15,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 from dataclasses import dataclass
 from typing import Final, Literal
 
 from aiohttp import web
 
-from .errors import Forbidden, TenantNotFound, Unauthorized
+from .errors import CsrfRefused, Forbidden, SignInRequired, TenantNotFound, Unauthorized
 from .keys import Scope
 from .registry import Registry, Snapshot
+from .sessions import COOKIE, CSRF_HEADER, SAFE_METHODS, SESSIONS
 
 Action = Literal["read", "write", "manage"]
 
@@ -56,6 +60,8 @@ ANONYMOUS: Final = Identity("anonymous", "anonymous")
 async def identify(request: web.Request, registry: Registry) -> Identity:
     """Given a request, return the identity its credentials prove, or raise ``Unauthorized``."""
     header = request.headers.get("Authorization")
+    if header is None and COOKIE in request.cookies:
+        return await identify_session(request, registry)
     if header is None:
         raise Unauthorized("authentication required: HTTP Basic (users) or Bearer (tokens)")
     scheme, _, value = header.partition(" ")
@@ -77,6 +83,26 @@ async def identify(request: web.Request, registry: Registry) -> Identity:
         _token, account = found
         return Identity("service-account", account.name)
     raise Unauthorized("unsupported authentication scheme: use Basic or Bearer")
+
+
+async def identify_session(request: web.Request, registry: Registry) -> Identity:
+    """Given a request with the session cookie, return its user, or raise.
+
+    A mutating method must carry the session's CSRF token (a page of another site can make the
+    browser send the cookie, not read the token).
+    """
+    session = await request.app[SESSIONS].get(request.cookies.get(COOKIE, ""))
+    user = None if session is None else registry.snapshot.users.get(session.username)
+    if session is None or user is None:
+        raise SignInRequired("the session has ended or does not exist: sign in again")
+    if request.method not in SAFE_METHODS:
+        sent = request.headers.get(CSRF_HEADER, "")
+        if not hmac.compare_digest(sent.encode(), session.csrf.encode()):
+            raise CsrfRefused(
+                f"a request signed in with the session cookie must send the session's "
+                f"{CSRF_HEADER} header to change anything"
+            )
+    return Identity("user", user.username, user.super_admin, user.can_create_tenants)
 
 
 def tenant_usable(snapshot: Snapshot, tenant: str | None) -> bool:

@@ -22,7 +22,7 @@ from aiohttp import web
 from backends.base import Backend
 from backends.registry import backend_class
 
-from . import admin, files, keys, observability, zerocopy
+from . import admin, files, keys, observability, webui, zerocopy
 from .access import Action, authorize, identify
 from .audit import AuditLog
 from .config import Config
@@ -31,6 +31,7 @@ from .keys import Scope
 from .observability import AUDIT, METRICS, Metrics, metrics_handler, observability_middleware
 from .openapi import openapi_document
 from .registry import Registry
+from .sessions import SESSIONS, Sessions
 from .state import BACKEND, CONFIG, IN_FLIGHT, REGISTRY, STARTED, TENANCY, InFlight
 from .tenancy import Tenancy
 
@@ -320,6 +321,11 @@ def create_app(config: Config, backend: Backend | None = None) -> web.Applicatio
     app[TENANCY] = Tenancy(config)
     app[REGISTRY] = Registry(app[BACKEND], refresh_interval=config["auth.cache-seconds"])
     app[AUDIT] = AuditLog(app[BACKEND])
+    app[SESSIONS] = Sessions(
+        app[BACKEND],
+        lifetime=config["auth.session-seconds"],
+        cache_seconds=config["auth.cache-seconds"],
+    )
 
     app[STARTED] = asyncio.Event()
 
@@ -349,5 +355,6 @@ def create_app(config: Config, backend: Backend | None = None) -> web.Applicatio
     app.router.add_get("/openapi.json", openapi)
     app.router.add_get("/metrics", metrics_handler)
     admin.add_routes(app.router)  # before the catch-all: these words are reserved tenant ids
+    webui.add_routes(app)  # /ui/ and /api/v1/session
     app.router.add_route("*", CATCH_ALL_PATTERN, dispatch)
     return app

@@ -169,6 +169,12 @@ OPTIONS: Final = MappingProxyType(
                 "Seconds an upload may send nothing before it is aborted (408, nothing stored).",
             ),
             Option(
+                "server.trust-proxy",
+                False,
+                _to_bool,
+                "Believe X-Forwarded-Proto/-Host from a reverse proxy (session cookie Secure).",
+            ),
+            Option(
                 "limits.max-object-size",
                 "5TiB",
                 _to_size,
@@ -209,6 +215,12 @@ OPTIONS: Final = MappingProxyType(
                 1.0,
                 _to_staleness,
                 "How stale this process's copy of tenants, users and tokens may get (max 2).",
+            ),
+            Option(
+                "auth.session-seconds",
+                28800.0,
+                _to_positive,
+                "How long a web UI sign-in lasts (seconds from sign-in).",
             ),
             Option("admin.username", None, _to_str, "Super admin created on first start."),
             Option(

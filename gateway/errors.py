@@ -13,7 +13,9 @@ Tree::
     │   ├── InvalidTenant (400 invalid_tenant)      a tenant id outside the grammar
     │   └── ChecksumMismatch (400 checksum_mismatch)
     ├── Unauthorized (401 unauthorized)             with WWW-Authenticate
+    │   └── SignInRequired (401 unauthorized)       no session or an ended one (web UI)
     ├── Forbidden (403 forbidden)
+    │   └── CsrfRefused (403 csrf_token_required)
     ├── NotFound (404 not_found)
     │   └── TenantNotFound (404 tenant_not_found)
     ├── MethodNotAllowed (405 method_not_allowed)
@@ -133,3 +135,18 @@ class Unauthorized(GatewayError):
 class Forbidden(GatewayError):
     status = 403
     code = "forbidden"
+
+
+class SignInRequired(Unauthorized):
+    """No session, or one that ended: the web UI signs in again.
+
+    Its challenge names no scheme a browser knows, so a page's request gets no password dialog.
+    """
+
+    CHALLENGE = 'Session realm="gateway"'
+
+
+class CsrfRefused(Forbidden):
+    """A mutating request authenticated by the session cookie without its CSRF token."""
+
+    code = "csrf_token_required"

@@ -364,6 +364,36 @@ def _admin_paths() -> dict[str, Any]:
 
 
 @cache
+def _session_paths() -> dict[str, Any]:
+    """The web UI's sign-in: a session cookie (HttpOnly, SameSite=Strict) and a CSRF token."""
+    session = _obj(
+        ["kind", "name", "bindings", "csrfToken", "tenancy"],
+        kind=_STR, name=_STR, superAdmin=_BOOL, canCreateTenants=_BOOL,
+        bindings={"type": "array", "items": {"type": "object"}},
+        csrfToken={"type": "string", "nullable": True},
+        tenancy=_obj(["enabled", "nullTenant"], enabled=_BOOL, nullTenant=_BOOL),
+    )  # fmt: skip
+    sign_in = _op("Sign in (web UI): sets the session cookie; the answer holds the CSRF token "
+                  "that every change made with the cookie sends as X-CSRF-Token.", 200, session,
+                  400, 401, 403)  # fmt: skip
+    sign_in["requestBody"] = {
+        "required": True,
+        "content": {
+            "application/x-www-form-urlencoded": {
+                "schema": _obj(["username", "password"], username=_STR, password=_STR)
+            }
+        },
+    }
+    sign_in["tags"] = ["session"]
+    return {
+        "post": sign_in,
+        "get": {**_op("The signed-in caller, its bindings, the CSRF token and the tenancy "
+                      "served.", 200, session, 401), "tags": ["session"]},
+        "delete": {**_op("Sign out: the session ends in every process (with X-CSRF-Token).",
+                         204, None, 400, 401, 403), "tags": ["session"]},
+    }  # fmt: skip
+
+
 def openapi_document() -> dict[str, Any]:
     """Return the OpenAPI document (built once)."""
     paths: dict[str, Any] = {}
@@ -385,6 +415,7 @@ def openapi_document() -> dict[str, Any]:
                         operation["responses"].setdefault(status, answer)
             paths[path] = item
     paths.update(_admin_paths())
+    paths["/api/v1/session"] = _session_paths()
     paths["/health/live"] = {
         "get": {
             "summary": "The process is up.",

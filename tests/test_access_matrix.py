@@ -200,6 +200,9 @@ bindings.delete @other      401  401  401  401  401  403  403  403  204  204  40
 bindings.delete @gone       401  401  401  401  401  403  403  403  403  204  403  403
 bindings.delete @nosuch     401  401  401  401  401  403  403  403  403  404  403  403
 me                          401  401  401  401  401  200  200  200  200  200  200  200
+session.get                 401  401  401  401  401  200  200  200  200  200  200  200
+session.post                400  400  400  400  400  400  400  400  400  400  400  400
+session.delete              401  401  401  401  401  401  401  401  401  401  401  401
 users.list                  401  401  401  401  401  403  403  403  403  200  403  403
 users.create                401  401  401  401  401  403  403  403  403  201  403  403
 users.update                401  401  401  401  401  403  403  403  403  200  403  403
@@ -929,6 +932,17 @@ KINDS: Final[Mapping[str, Kind]] = {
     "me": Kind(
         ("GET", "/api/v1/me"), lambda c, t: Call("GET", "/api/v1/me"), after_allowed=_check_me
     ),
+    # the web UI's session: GET answers any credential as /me does; a sign-in is a form (not
+    # a header), and sign-out needs the session cookie
+    "session.get": Kind(
+        ("GET", "/api/v1/session"),
+        lambda c, t: Call("GET", "/api/v1/session"),
+        after_allowed=_check_me,
+    ),
+    "session.post": Kind(("POST", "/api/v1/session"), lambda c, t: Call("POST", "/api/v1/session")),
+    "session.delete": Kind(
+        ("DELETE", "/api/v1/session"), lambda c, t: Call("DELETE", "/api/v1/session")
+    ),
     "users.list": Kind(("GET", "/api/v1/users"), lambda c, t: Call("GET", "/api/v1/users")),
     "users.create": Kind(
         ("POST", "/api/v1/users"),
@@ -1055,7 +1069,14 @@ async def test_cell(env: Env, row: Row, identity: str) -> None:
 
         if response.status == 401:
             challenge = response.headers.get("WWW-Authenticate", "")
-            assert "Basic" in challenge and "Bearer" in challenge, f"{where}: {challenge!r}"
+            if row.kind.startswith("session.") and (
+                identity == "anonymous" or row.kind == "session.delete"
+            ):
+                # The web UI's routes without a session: a challenge that opens no browser
+                # password dialog.
+                assert challenge == 'Session realm="gateway"', f"{where}: {challenge!r}"
+            else:
+                assert "Basic" in challenge and "Bearer" in challenge, f"{where}: {challenge!r}"
 
         if expected in DENIED:
             if (
