@@ -333,7 +333,7 @@ class AsyncClient:
         if token:
             self._headers["Authorization"] = f"Bearer {token}"
         elif username:
-            self._headers["Authorization"] = aiohttp.BasicAuth(username, password or "").encode()
+            self._headers["Authorization"] = aiohttp.encode_basic_auth(username, password or "")
         self.retries = retries
         self.backoff = backoff
         self._timeout = aiohttp.ClientTimeout(
