@@ -60,8 +60,17 @@ class KestraFixtures(AbstractFixtures):  # type: ignore[misc]
         return posixpath.join
 
     @pytest.fixture
-    def fs_path(self, kestra_fs: KestraFileSystem, request: pytest.FixtureRequest) -> str:
+    def fs_path(self) -> str:
         return "abstract"
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def fs_glob_edge_cases_files(cls, kestra_fs: KestraFileSystem) -> Iterator[str]:
+        """The glob scenario (12 objects), made once per class: its 32 cases only read it.
+        (The harness makes it anew for each case; over HTTP that was most of the run.)"""
+        source: str = cls._glob_edge_cases_files(cls, kestra_fs, posixpath.join, "abstract-glob")
+        yield source
+        kestra_fs.rm(source, recursive=True)
 
 
 class TestKestraCopy(KestraFixtures, AbstractCopyTests):  # type: ignore[misc]

@@ -218,12 +218,15 @@ class KestraFileSystem(AsyncFileSystem):  # type: ignore[misc]
             )
 
     async def _cp_file(self, path1: str, path2: str, **kwargs: Any) -> None:
+        """Copy through this process, streamed (the gateway has no copy route): one GET, one
+        PUT; a directory is made at the destination."""
         source, target = self._strip_protocol(path1), self._strip_protocol(path2)
-        if await self._isdir(source):
+        try:
+            with _translated(source):
+                download = await self.client.open(source)
+        except IsADirectoryError:
             await self._makedirs(target, exist_ok=True)
             return
-        with _translated(source):
-            download = await self.client.open(source)
         try:
             with _translated(target):
                 await self.client.upload(
@@ -249,12 +252,10 @@ class KestraFileSystem(AsyncFileSystem):  # type: ignore[misc]
         key = self._strip_protocol(path)
         if not key:
             return  # the root always exists
-        if await self._isdir(key):
-            if not exist_ok:
-                raise FileExistsError(errno.EEXIST, "the directory exists", key)
-            return
+        if not exist_ok and await self._isdir(key):
+            raise FileExistsError(errno.EEXIST, "the directory exists", key)
         with _translated(key):
-            await self.client.mkdir(key)
+            await self.client.mkdir(key)  # making a directory that exists is no error
 
     async def _rm_file(self, path: str, **kwargs: Any) -> None:
         key = self._strip_protocol(path)
