@@ -159,7 +159,11 @@ def test_list_iterates_over_pages(client: Client) -> None:
     keys = [f"ns/many/{i:02d}" for i in range(7)]
     for key in keys:
         client.upload(key, key.encode())
-    assert [info.key for info in client.list("ns/many", page_size=2)] == keys
+    listed = list(client.list("ns/many", page_size=2))
+    assert [info.key for info in listed] == keys
+    # Listings carry no metadata or content type (S3 lists neither): None, not "empty".
+    assert {(info.metadata, info.content_type) for info in listed} == {(None, None)}
+    assert "metadata" not in listed[0].to_json()
     assert [info.key for info in client.list("ns", recursive=True, page_size=3)] == keys
     assert client.delete("ns/many", recursive=True) == 7
 

@@ -23,7 +23,6 @@ from gateway.cli import main
 from tests.support.gateway_process import free_port
 from tests.support.tenant_gateway import TenantGateway, tenant_gateway
 
-pytestmark = pytest.mark.slow
 BIG = 100 * 1000 * 1000
 
 
@@ -141,6 +140,7 @@ def _run_cli(gateway: TenantGateway, args: list[str], *, tty: bool) -> tuple[int
     return process.wait(60), out, bytes(seen)
 
 
+@pytest.mark.slow
 def test_progress_bar_on_a_terminal_and_none_on_a_pipe(
     gateway: TenantGateway, tmp_path: Path
 ) -> None:

@@ -22,7 +22,7 @@ import hashlib
 import os
 import random
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Final, Literal, TypeVar
@@ -66,8 +66,8 @@ class FileInfo:
     last_modified: float | None  # seconds since the epoch
     created: float | None
     etag: str | None = None
-    content_type: str | None = None  # ``stat`` only (listings leave it out)
-    metadata: Mapping[str, str] = field(default_factory=dict)  # ``stat`` only
+    content_type: str | None = None  # ``stat`` only: listings leave it out (``None``)
+    metadata: Mapping[str, str] | None = None  # ``stat`` only: listings leave it out
 
     @property
     def is_dir(self) -> bool:
@@ -90,11 +90,12 @@ class FileInfo:
             created=seconds(data.get("creationTime")),
             etag=data.get("etag"),
             content_type=data.get("contentType"),
-            metadata=dict(data.get("metadata") or {}),
+            metadata=dict(data["metadata"]) if isinstance(data.get("metadata"), dict) else None,
         )
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        """Return the attributes as JSON, leaving out those the gateway did not give."""
+        values = {
             "key": self.key,
             "uri": self.uri,
             "type": self.type,
@@ -103,8 +104,9 @@ class FileInfo:
             "created": self.created,
             "etag": self.etag,
             "contentType": self.content_type,
-            "metadata": dict(self.metadata),
+            "metadata": None if self.metadata is None else dict(self.metadata),
         }
+        return {name: value for name, value in values.items() if value is not None}
 
 
 @dataclass(frozen=True, slots=True)

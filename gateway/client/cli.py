@@ -282,8 +282,7 @@ async def stat(client: AsyncClient, key: str, as_json: bool) -> None:
         _echo_json(info.to_json())
         return
     for name, value in info.to_json().items():
-        if value not in (None, {}):
-            click.echo(f"{name}: {value}")
+        click.echo(f"{name}: {value}")
 
 
 @files.command()

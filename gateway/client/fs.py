@@ -88,7 +88,7 @@ def _entry(info: FileInfo) -> dict[str, Any]:
         "mtime": info.last_modified,
         "created": info.created,
         "content_type": info.content_type,
-        "metadata": dict(info.metadata),
+        "metadata": dict(info.metadata or {}),
         "uri": info.uri,
     }
 
