@@ -110,6 +110,10 @@ def test_content_type_metadata_checksum_and_ranges(client: Client, tmp_path: Pat
     headers = client.download("ns/f.bin", target, progress=seen.append)
     assert target.read_bytes() == data and sum(seen) == len(data)
     assert headers.metadata == {"execution": "e1"}
+    head = client.head("kestra://ns/f.bin")
+    assert (head.status, head.size, head.content_type, head.etag) == (
+        200, len(data), "text/csv", info.etag,
+    )  # fmt: skip
     with pytest.raises(RangeNotSatisfiable):
         client.read("ns/f.bin", start=len(data) + 10)
     # checksum=True computes it; a wrong one stores nothing.

@@ -76,6 +76,17 @@ def test_files_commands_round_trip_with_json_output(gateway: TenantGateway, tmp_
     assert (code, json.loads(out)) == (0, {"deleted": 1})
 
 
+def test_files_put_from_stdin_and_get_to_stdout(gateway: TenantGateway) -> None:
+    options = ["--url", gateway.url, "--tenant", gateway.tenant, "--token", gateway.token]
+    data = bytes(range(256)) * 5000
+    runner = CliRunner()
+    result = runner.invoke(main, ["files", *options, "put", "-", "ns/stdin.bin"], input=data)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(main, ["files", *options, "get", "ns/stdin.bin", "-"])
+    assert (result.exit_code, result.stdout_bytes) == (0, data)
+    assert _files(gateway, "rm", "ns/stdin.bin")[0] == 0
+
+
 def test_files_exit_codes_name_the_kind_of_error(gateway: TenantGateway, tmp_path: Path) -> None:
     source = tmp_path / "x"
     source.write_bytes(b"x")
@@ -90,6 +101,10 @@ def test_files_exit_codes_name_the_kind_of_error(gateway: TenantGateway, tmp_pat
     assert _files(gateway, "put", str(source), "ns/x", "--create-only")[0] == 5
     assert _files(gateway, "put", str(source), "ns/y")[0] == 0
     assert _files(gateway, "mv", "ns/x", "ns/y")[0] == 5
+    code, out = _files(gateway, "get", "ns/x", str(tmp_path / "no-such-dir" / "x"))
+    assert code == 1 and "No such file or directory" in out, out
+    code, out = _files(gateway, "put", str(tmp_path / "missing"), "ns/z")
+    assert code == 2 and "does not exist" in out, out
     # A tenant the token has no role on: 403, whether it exists or not.
     assert _files(gateway, "stat", "ns/x", tenant="other")[0] == 4
     # Nothing listens there: unreachable, after no retry.

@@ -288,6 +288,16 @@ class Download:
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self.chunks()])
 
+    def close(self) -> None:
+        """Give the connection back (or drop it, if the body was not read to its end)."""
+        self.response.release()
+
+    async def __aenter__(self) -> Download:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
 
 class AsyncClient:
     """An async client of the gateway's object API.
@@ -416,7 +426,7 @@ class AsyncClient:
         headers: Mapping[str, str] | None = None,
     ) -> Download:
         """Start downloading ``key`` (bytes ``start`` to ``end``, end exclusive) and return the
-        open ``Download``; close it with ``await download.response.release()`` or read it all."""
+        open ``Download`` (``async with`` it, or ``close()`` it when done)."""
         sent = dict(headers or {})
         value = range_header(start, end)
         if value is not None:
@@ -424,15 +434,17 @@ class AsyncClient:
         response = await self._request("GET", "files", key, headers=sent, retry=True)
         return Download(response)
 
+    async def head(self, key: str) -> ObjectHeaders:
+        """Return what a download of ``key`` would say about it, without its body (HEAD)."""
+        async with await self._request("HEAD", "files", key, retry=True) as response:
+            return ObjectHeaders.from_response(response)
+
     async def read(self, key: str, *, start: int | None = None, end: int | None = None) -> bytes:
         """Return the bytes of ``key`` (or of the range ``start``:``end``)."""
 
         async def once() -> bytes:
-            download = await self.open(key, start=start, end=end)
-            try:
+            async with await self.open(key, start=start, end=end) as download:
                 return await download.read()
-            finally:
-                download.response.release()
 
         return await self._retrying(once)
 
@@ -453,18 +465,17 @@ class AsyncClient:
         target = Path(path)
 
         async def once() -> ObjectHeaders:
-            download = await self.open(key, start=start, end=end)
             partial = target.with_name(f".{target.name}.{os.getpid()}.part")
-            try:
-                with open(partial, "wb") as file:
-                    async for chunk in download.chunks():
-                        await asyncio.to_thread(file.write, chunk)
-                        if progress is not None:
-                            progress(len(chunk))
-                os.replace(partial, target)
-            finally:
-                download.response.release()
-                partial.unlink(missing_ok=True)
+            async with await self.open(key, start=start, end=end) as download:
+                try:
+                    with open(partial, "wb") as file:
+                        async for chunk in download.chunks():
+                            await asyncio.to_thread(file.write, chunk)
+                            if progress is not None:
+                                progress(len(chunk))
+                    os.replace(partial, target)
+                finally:
+                    partial.unlink(missing_ok=True)
             return download.headers
 
         return await self._retrying(once)

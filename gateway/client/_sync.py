@@ -98,6 +98,9 @@ class Client:
         download = self._run(self._async.open(key, start=start, end=end, headers=headers))
         return SyncDownload(self, download)
 
+    def head(self, key: str) -> ObjectHeaders:
+        return self._run(self._async.head(key))
+
     def stat(self, key: str = "") -> FileInfo:
         return self._run(self._async.stat(key))
 
@@ -146,7 +149,7 @@ class SyncDownload:
                 return
 
     def close(self) -> None:
-        self._download.response.release()
+        self._download.close()
 
     def __enter__(self) -> SyncDownload:
         return self

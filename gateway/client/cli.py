@@ -85,6 +85,8 @@ def _run(coroutine: Coroutine[Any, Any, Any]) -> Any:
         return asyncio.run(coroutine)
     except ClientError as exc:
         raise FilesError(exc) from None
+    except OSError as exc:  # a local file: unreadable source, target in no directory
+        raise click.ClickException(f"{exc.strerror or exc}: {exc.filename or ''}") from None
 
 
 def _command(function: F) -> F:
@@ -174,7 +176,7 @@ def files(ctx: click.Context, /, **options: Any) -> None:
 
 
 @files.command()
-@click.argument("source", type=click.Path(dir_okay=False, allow_dash=True))
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, allow_dash=True))
 @click.argument("key")
 @click.option("--content-type", help="Media type stored with the object.")
 @click.option("--meta", multiple=True, metavar="NAME=VALUE", help="Metadata (repeatable).")
@@ -236,14 +238,11 @@ async def get(
 ) -> None:
     """Download KEY to TARGET (default: its file name here; a directory: into it; - stdout)."""
     if target == "-":
-        download = await client.open(key)
-        try:
+        async with await client.open(key) as download:
             out: IO[bytes] = sys.stdout.buffer
             async for chunk in download.chunks():
                 await asyncio.to_thread(out.write, chunk)
             out.flush()
-        finally:
-            download.response.release()
         return
     info = await client.stat(key)
     path = Path(target or info.key.rsplit("/", 1)[-1])

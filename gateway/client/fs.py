@@ -173,11 +173,12 @@ class KestraFileSystem(AsyncFileSystem):  # type: ignore[misc]
         self, rpath: str, lpath: str, callback: Callback = DEFAULT_CALLBACK, **kwargs: Any
     ) -> None:
         key = self._strip_protocol(rpath)
-        if await self._isdir(key):
+        try:
+            with _translated(key):
+                headers = await self.client.download(key, lpath, progress=callback.relative_update)
+        except IsADirectoryError:  # answered before any local file is made
             await asyncio.to_thread(_makedirs_local, lpath)
             return
-        with _translated(key):
-            headers = await self.client.download(key, lpath, progress=callback.relative_update)
         callback.set_size(headers.length)
 
     # -- writing -------------------------------------------------------------------------
@@ -227,7 +228,7 @@ class KestraFileSystem(AsyncFileSystem):  # type: ignore[misc]
         except IsADirectoryError:
             await self._makedirs(target, exist_ok=True)
             return
-        try:
+        async with download:
             with _translated(target):
                 await self.client.upload(
                     target,
@@ -236,8 +237,6 @@ class KestraFileSystem(AsyncFileSystem):  # type: ignore[misc]
                     content_type=download.headers.content_type,
                     metadata=download.headers.metadata,
                 )
-        finally:
-            download.response.release()
 
     async def _mkdir(self, path: str, create_parents: bool = True, **kwargs: Any) -> None:
         key = self._strip_protocol(path)
