@@ -288,7 +288,7 @@ async def test_connection_failures_are_retried_then_raised() -> None:
 # -- memory -------------------------------------------------------------------------------
 
 RSS_SCRIPT = """
-import json, resource, sys, time
+import json, os, resource, subprocess, sys, time
 from gateway.client import Client
 
 url, tenant, token, source, target = sys.argv[1:6]
@@ -300,13 +300,22 @@ with Client(url, tenant=tenant, token=token) as client:
     done = time.monotonic()
     client.delete("big", recursive=True)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"peak": peak, "up": uploaded - started, "down": done - uploaded}))
+# The CLI, in child processes: their peak is RUSAGE_CHILDREN's.
+env = {**os.environ, "GATEWAY_URL": url, "GATEWAY_TENANT": tenant, "GATEWAY_TOKEN": token}
+os.unlink(target)
+for args in (["put", source, "big/cli.bin"], ["get", "big/cli.bin", target],
+             ["rm", "big", "--recursive"]):
+    subprocess.run([sys.executable, "-m", "gateway", "files", *args], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+cli_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+print(json.dumps({"peak": peak, "cli_peak": cli_peak, "up": uploaded - started,
+                  "down": done - uploaded}))
 """
 GIB = 1 << 30
 
 
 @pytest.mark.slow
-def test_one_gib_round_trip_keeps_client_rss_under_150_mib(
+def test_one_gib_round_trip_keeps_client_and_cli_rss_under_150_mib(
     gateway: TenantGateway, tmp_path: Path
 ) -> None:
     source, target = tmp_path / "source.bin", tmp_path / "target.bin"
@@ -321,11 +330,13 @@ def test_one_gib_round_trip_keeps_client_rss_under_150_mib(
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    print(f"\n1 GiB: up {result['up']:.1f} s, down {result['down']:.1f} s, "
-          f"client peak RSS {result['peak'] / 2**20:.0f} MiB")  # fmt: skip
+    peak, cli_peak = result["peak"] / 2**20, result["cli_peak"] / 2**20
+    print(f"\n1 GiB: up {result['up']:.1f} s, down {result['down']:.1f} s, client peak RSS "
+          f"{peak:.0f} MiB, CLI {cli_peak:.0f} MiB")  # fmt: skip
     assert target.stat().st_size == GIB
     with open(target, "rb") as file:
         assert file.read(len(head)) == head
         file.seek(GIB - 4096)
         assert file.read() == bytes(4096)
     assert result["peak"] < 150 * 2**20
+    assert result["cli_peak"] < 150 * 2**20
