@@ -159,6 +159,14 @@ def test_errors_are_typed_and_keep_the_rule(client: Client, gateway: TenantGatew
         stranger.stat("ns/b")
 
 
+def test_a_body_that_ends_short_or_runs_long_stores_nothing(client: Client) -> None:
+    with pytest.raises(TransportError, match="shrank"):
+        client.upload("ns/short", _chunks(b"12345"), size=10)
+    with pytest.raises(TransportError, match="grew"):
+        client.upload("ns/long", _chunks(b"12345", b"67890"), size=7)
+    assert not client.exists("ns/short") and not client.exists("ns/long")
+
+
 def test_list_iterates_over_pages(client: Client) -> None:
     keys = [f"ns/many/{i:02d}" for i in range(7)]
     for key in keys:
@@ -237,7 +245,9 @@ class Flaky:
 async def test_idempotent_operations_are_retried_after_503() -> None:
     flaky = Flaky(failures=2)
     async with _served(flaky.app(), backoff=0.001, retries=3) as client:
-        assert (await client.upload("k", b"replayable")).size == 10
+        seen: list[int] = []
+        assert (await client.upload("k", b"replayable", progress=seen.append)).size == 10
+        assert sum(seen) == 10  # each retry rewinds the progress it had reported
         assert await client.read("k") == b"payload"
         assert flaky.calls == {"PUT files": 3, "GET files": 3}
         # Each attempt sent the whole body again.

@@ -18,6 +18,7 @@ effect of running it once, and the request can be sent again byte for byte:
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import random
@@ -190,10 +191,10 @@ def range_header(start: int | None, end: int | None) -> str | None:
 class _Body:
     """An upload's body: how to (re)start sending it, its length, whether it can be replayed."""
 
-    def __init__(self, source: UploadSource, progress: Progress | None) -> None:
+    def __init__(self, source: UploadSource, progress: Progress | None, size: int | None) -> None:
         self.source = source
         self.progress = progress
-        self.length: int | None = None
+        self.length: int | None = size
         self.replayable = True
         self._offset = 0
         if isinstance(source, (bytes, bytearray, memoryview)):
@@ -211,38 +212,53 @@ class _Body:
         else:
             self.replayable = False
         self._used = False
+        self._reported = 0  # bytes reported to ``progress`` by the current attempt
 
     def data(self) -> Any:
         """Return what aiohttp sends for one attempt (a new stream each time, if replayable)."""
         if self._used and not self.replayable:
             raise RuntimeError("a one-shot body cannot be sent twice")
         self._used = True
-        return self._chunks()
+        return self._counted(self.length, self.progress)
+
+    async def _counted(self, length: int | None, progress: Progress | None) -> AsyncIterator[bytes]:
+        """Yield the body's chunks, reporting progress (rewound when a retry starts over), and
+        raise if they do not add up to the announced ``length``: a body that ends short or
+        runs long must abort the upload (the gateway stores nothing), not end it cleanly."""
+        if progress is not None and self._reported:
+            progress(-self._reported)
+            self._reported = 0
+        sent = 0
+        async for chunk in self._chunks():
+            sent += len(chunk)
+            if length is not None and sent > length:
+                raise OSError(errno.EIO, "the body grew while being sent (over its length)")
+            if progress is not None and chunk:
+                progress(len(chunk))
+                self._reported += len(chunk)
+            yield chunk
+        if length is not None and sent < length:
+            raise OSError(errno.EIO, "the body shrank while being sent (under its length)")
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         source = self.source
         if isinstance(source, (bytes, bytearray, memoryview)):
             view = memoryview(source)
             for start in range(0, len(view), CHUNK):
-                yield self._count(bytes(view[start : start + CHUNK]))
+                yield bytes(view[start : start + CHUNK])
         elif isinstance(source, (str, os.PathLike)):
             with open(source, "rb") as file:
                 async for chunk in _read_file(file):
-                    yield self._count(chunk)
+                    yield chunk
         elif hasattr(source, "read"):
             stream: IO[bytes] = source  # type: ignore[assignment]
             if self.replayable:
                 stream.seek(self._offset)
             async for chunk in _read_file(stream):
-                yield self._count(chunk)
+                yield chunk
         else:
             async for chunk in source:
-                yield self._count(bytes(chunk))
-
-    def _count(self, chunk: bytes) -> bytes:
-        if self.progress is not None and chunk:
-            self.progress(len(chunk))
-        return chunk
+                yield bytes(chunk)
 
     async def sha256(self) -> str:
         """Return the hex SHA-256 of a replayable body (one extra pass over it)."""
@@ -252,12 +268,8 @@ class _Body:
                 "file); pass the SHA-256 as checksum='<hex>' instead"
             )
         digest = hashlib.sha256()
-        progress, self.progress = self.progress, None
-        try:
-            async for chunk in self._chunks():
-                digest.update(chunk)
-        finally:
-            self.progress = progress
+        async for chunk in self._chunks():
+            digest.update(chunk)
         return digest.hexdigest()
 
 
@@ -399,12 +411,11 @@ class AsyncClient:
         ``create_only``: fail with ``PreconditionFailed`` if the key exists. ``size``: the
         length of an async iterator's body, if known (sent as ``Content-Length``).
         """
-        body = _Body(source, progress)
+        body = _Body(source, progress, size)
         headers = {f"X-Meta-{name}": value for name, value in (metadata or {}).items()}
         headers["Content-Type"] = content_type or "application/octet-stream"
-        length = body.length if body.length is not None else size
-        if length is not None:
-            headers["Content-Length"] = str(length)
+        if body.length is not None:
+            headers["Content-Length"] = str(body.length)
         if checksum is True:
             headers["X-Checksum-Sha256"] = await body.sha256()
         elif isinstance(checksum, str):
@@ -577,7 +588,9 @@ class AsyncClient:
                 )
             except _TRANSPORT_ERRORS as exc:
                 if not retry or attempt >= self.retries:
-                    raise TransportError(f"{method} {route}: {exc!r}") from exc
+                    # A body that failed to read says why (aiohttp wraps it as a write error).
+                    cause = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+                    raise TransportError(f"{method} {route}: {cause}") from exc
             else:
                 if response.status < 400:
                     return response
