@@ -146,7 +146,7 @@ class KestraFileSystem(AsyncFileSystem):  # type: ignore[misc]
         try:
             with _translated(key):
                 entries = [_entry(info) async for info in self.client.list(key)]
-        except (FileNotFoundError, NotADirectoryError, APIError):
+        except (FileNotFoundError, NotADirectoryError):
             info = await self._info(key)  # a file lists as itself; anything else raises
             if info["type"] == "directory":
                 raise
