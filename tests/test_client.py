@@ -157,6 +157,19 @@ def test_errors_are_typed_and_keep_the_rule(client: Client, gateway: TenantGatew
         pytest.raises(Unauthorized),
     ):
         stranger.stat("ns/b")
+    # Basic credentials: the super admin's hold (403: no role on the tenant, as in Kestra),
+    # a wrong password does not (401).
+    username, password = gateway.admin_auth.split(":", 1)
+    with (
+        Client(gateway.url, tenant=gateway.tenant, username=username, password=password) as admin,
+        pytest.raises(Forbidden),
+    ):
+        admin.stat("ns/b")
+    with (
+        Client(gateway.url, tenant=gateway.tenant, username=username, password="wrong") as admin,
+        pytest.raises(Unauthorized),
+    ):
+        admin.stat("ns/b")
 
 
 def test_a_body_that_ends_short_or_runs_long_stores_nothing(client: Client) -> None:
