@@ -308,6 +308,42 @@ async def test_connection_failures_are_retried_then_raised() -> None:
     assert attempts == 6
 
 
+async def test_a_download_cut_mid_body_starts_over(tmp_path: Path) -> None:
+    body = bytes(range(256)) * 4096  # 1 MiB
+    attempts = 0
+
+    async def half_then_whole(request: web.Request) -> web.StreamResponse:
+        nonlocal attempts
+        attempts += 1
+        response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        response.content_length = len(body)
+        await response.prepare(request)
+        if attempts == 1:
+            await response.write(body[: len(body) // 2])
+            assert request.transport is not None
+            request.transport.abort()  # what the gateway does when its store fails mid-way
+            return response
+        await response.write(body)
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/api/v1/files/{tail:.*}", half_then_whole)
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"previous")
+    async with _served(app, backoff=0.001, retries=0) as client:
+        with pytest.raises(TransportError):
+            await client.download("k", target)
+    assert target.read_bytes() == b"previous"  # a failed download leaves the file as it was
+    attempts = 0
+    seen: list[int] = []
+    async with _served(app, backoff=0.001, retries=2) as client:
+        headers = await client.download("k", target, progress=seen.append)
+    assert (attempts, headers.length, sum(seen)) == (2, len(body), len(body))
+    assert target.read_bytes() == body
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]  # no partial file left
+
+
 # -- memory -------------------------------------------------------------------------------
 
 RSS_SCRIPT = """

@@ -22,6 +22,7 @@ import errno
 import hashlib
 import os
 import random
+import secrets
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -474,16 +475,23 @@ class AsyncClient:
         failed download leaves ``path`` as it was. A download that breaks is started over.
         """
         target = Path(path)
+        reported = 0
 
         async def once() -> ObjectHeaders:
-            partial = target.with_name(f".{target.name}.{os.getpid()}.part")
+            nonlocal reported
+            if progress is not None and reported:
+                progress(-reported)  # a retry starts over
+                reported = 0
+            # A name of its own ("x": created here, never someone else's file).
+            partial = target.with_name(f".{target.name}.{secrets.token_hex(6)}.part")
             async with await self.open(key, start=start, end=end) as download:
                 try:
-                    with open(partial, "wb") as file:
+                    with open(partial, "xb") as file:
                         async for chunk in download.chunks():
                             await asyncio.to_thread(file.write, chunk)
                             if progress is not None:
                                 progress(len(chunk))
+                                reported += len(chunk)
                     os.replace(partial, target)
                 finally:
                     partial.unlink(missing_ok=True)
