@@ -240,8 +240,11 @@ async def get(
     if target == "-":
         async with await client.open(key) as download:
             out: IO[bytes] = sys.stdout.buffer
-            async for chunk in download.chunks():
-                await asyncio.to_thread(out.write, chunk)
+            with _progress(download.headers.length, "get", progress) as bar:
+                async for chunk in download.chunks():
+                    await asyncio.to_thread(out.write, chunk)
+                    if bar is not None:
+                        bar(len(chunk))
             out.flush()
         return
     info = await client.stat(key)
