@@ -10,7 +10,9 @@ effect of running it once, and the request can be sent again byte for byte:
   best-effort delete can ignore);
 - ``upload``: when the body can be replayed: bytes, a path, a seekable file object (sent
   again from the position it had). An async iterator or a non-seekable file is read once,
-  so such an upload is never retried;
+  so such an upload is never retried. (A create-only upload retried after a first attempt
+  that did store the object, its answer lost, gets ``PreconditionFailed``: compare the ETag
+  with ``stat`` when that matters.)
 - ``move``: never (a second attempt after a first that succeeded would fail or, worse, move
   something else).
 """
