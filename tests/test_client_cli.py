@@ -47,14 +47,16 @@ def test_files_commands_round_trip_with_json_output(gateway: TenantGateway, tmp_
         "--meta", "execution=e1", "--checksum", "--json",
     )  # fmt: skip
     assert code == 0, out
-    assert json.loads(out) == {
-        "key": "ns/flow/out.csv",
-        "uri": "kestra:///ns/flow/out.csv",
-        "size": 8,
-        "etag": json.loads(out)["etag"],
-    }
+    put = json.loads(out)
+    assert sorted(put) == ["etag", "key", "size", "uri"]
+    assert (put["key"], put["uri"], put["size"]) == (
+        "ns/flow/out.csv",
+        "kestra:///ns/flow/out.csv",
+        8,
+    )
     code, out = _files(gateway, "stat", "kestra://ns/flow/out.csv", "--json")
     info = json.loads(out)
+    assert info["etag"] == put["etag"] and put["etag"].startswith('"')
     assert (code, info["size"], info["contentType"], info["metadata"]) == (
         0, 8, "text/csv", {"execution": "e1"},
     )  # fmt: skip
