@@ -279,5 +279,9 @@ from .admin_cli import register  # noqa: E402  (after main: the admin commands j
 
 register(main)
 
+from .client.cli import files  # noqa: E402  (the client's commands: `gateway files ...`)
+
+main.add_command(files)
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
