@@ -233,8 +233,7 @@ def _finish(
     metrics.observe(info.tenant, info.route, method, status, elapsed, bytes_in, bytes_out)
     identity = info.identity
     who = None if identity is None else {"kind": identity.kind, "name": identity.name}
-    writer = _access_writer
-    if writer is not None or access_log.isEnabledFor(logging.INFO):
+    if access_log.isEnabledFor(logging.INFO):
         line = {
             "time": _iso_now(),
             "method": method,
@@ -249,8 +248,9 @@ def _finish(
             "remote": request.remote,
         }
         text = json.dumps(line, ensure_ascii=False)
-        if writer is not None:
-            writer.add(text)
+        writer = _access_writer
+        if writer is not None and access_log.handlers == [writer] and not access_log.filters:
+            writer.add(text)  # nobody else listens: no record needed
         else:
             access_log.info(text)
     pending = info.audit
