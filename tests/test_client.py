@@ -347,8 +347,17 @@ async def test_a_download_cut_mid_body_starts_over(tmp_path: Path) -> None:
 # -- memory -------------------------------------------------------------------------------
 
 RSS_SCRIPT = """
-import json, os, resource, subprocess, sys, time
+import json, os, subprocess, sys, time
 from gateway.client import Client
+
+
+def high_water(status):
+    # VmHWM: the peak RSS of this address space only. (getrusage's ru_maxrss is not: Linux
+    # carries the forking parent's peak over exec, so a child of a big pytest worker would
+    # report the worker's peak.)
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines()
+                if line.startswith("VmHWM:"))
+
 
 url, tenant, token, source, target = sys.argv[1:6]
 with Client(url, tenant=tenant, token=token) as client:
@@ -358,13 +367,21 @@ with Client(url, tenant=tenant, token=token) as client:
     client.download("big/1gib.bin", target)
     done = time.monotonic()
     client.delete("big", recursive=True)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-# `gateway files put`, in a child process: its peak is RUSAGE_CHILDREN's.
+peak = high_water(open("/proc/self/status").read())
+# `gateway files put`, in a child process that reports its own high-water mark on exit.
+CLI = (
+    "import atexit, runpy, sys\\n"
+    "atexit.register(lambda: sys.stderr.write('HWM ' + open('/proc/self/status').read()))\\n"
+    "sys.argv = ['gateway', *sys.argv[1:]]\\n"
+    "runpy.run_module('gateway', run_name='__main__')\\n"
+)
 env = {**os.environ, "GATEWAY_URL": url, "GATEWAY_TENANT": tenant, "GATEWAY_TOKEN": token}
-for args in (["put", source, "big/cli.bin"], ["rm", "big", "--recursive"]):
-    subprocess.run([sys.executable, "-m", "gateway", "files", *args], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
-cli_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+put = subprocess.run([sys.executable, "-c", CLI, "files", "put", source, "big/cli.bin"],
+                     env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                     text=True)
+cli_peak = high_water(put.stderr.split("HWM ", 1)[1])
+subprocess.run([sys.executable, "-m", "gateway", "files", "rm", "big", "--recursive"], env=env,
+               check=True, stdout=subprocess.DEVNULL)
 print(json.dumps({"peak": peak, "cli_peak": cli_peak, "up": uploaded - started,
                   "down": done - uploaded}))
 """
