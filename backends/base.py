@@ -271,6 +271,47 @@ class Backend(ABC):
         FileNotFoundError, FileExistsError, NotADirectoryError
         """
 
+    atomic_moves: ClassVar[bool] = False
+    """Whether ``move`` of a file is one atomic step that keeps its bytes and its ``etag``
+    (a rename); if not, a verified move is ``copy``, a check, then ``delete_if_unchanged``."""
+
+    async def copy(self, src: str, dst: str) -> Info:
+        """Copy the file ``src`` to ``dst`` (replacing it), bytes, type and metadata, and
+        return the new ``Info``; server-side where the store can. The default streams it.
+
+        Raises
+        ------
+        FileNotFoundError, IsADirectoryError
+            ``src`` is not a file.
+        ConnectionError
+            With ``errno.EAGAIN``: ``src`` changed while being copied; nothing was copied.
+        """
+        async with await self.open_read(src) as reader:
+            info = reader.info
+            return await self.write(
+                dst, reader.chunks(), content_type=info.content_type, metadata=info.metadata
+            )
+
+    async def delete_if_unchanged(self, key: str, expected: Info) -> bool:
+        """Delete the file ``key`` only if it is still the version ``expected`` describes
+        (same ``etag``, ``size`` and ``mtime``); return whether it was deleted.
+
+        A file rewritten, replaced or removed since ``expected`` was read stays as it is
+        (``False``). The default checks, then deletes: a write landing between the two is
+        deleted with it; backends narrow or close that window where the store allows.
+        """
+        try:
+            current = await self.info(key)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        if not same_version(current, expected):
+            return False
+        try:
+            await self.delete(key)
+        except (FileNotFoundError, IsADirectoryError):
+            return False
+        return True
+
     @abstractmethod
     async def mkdir(self, key: str) -> None:
         """Create the directory ``key`` and its parents; no error if it is already a directory.
@@ -287,6 +328,16 @@ class Backend(ABC):
 def sort_key(info: Info) -> str:
     """Given an entry of a one-level listing, return the string it sorts and pages by."""
     return info.name + "/" if info.is_dir else info.name
+
+
+def same_version(current: Info, expected: Info) -> bool:
+    """Given two ``Info`` of one key, say whether they describe the same version of a file."""
+    return (
+        not current.is_dir
+        and current.etag == expected.etag
+        and current.size == expected.size
+        and current.mtime == expected.mtime
+    )
 
 
 def metadata_size(metadata: Mapping[str, str]) -> int:

@@ -54,6 +54,7 @@ from .base import (
     Page,
     Reader,
     no_space,
+    same_version,
     sort_key,
 )
 
@@ -866,6 +867,23 @@ class S3Backend(Backend):
             raise FileNotFoundError(errno.ENOENT, "no such directory", key)
         return count
 
+    async def delete_if_unchanged(self, key: str, expected: Info) -> bool:
+        head = await self._head(key)
+        if head is None or not same_version(self._file_info(key, head), expected):
+            return False
+        # If-Match makes the delete conditional in the store (AWS, MinIO, moto); a store that
+        # ignores it leaves the gap between the HEAD and the DELETE.
+        conditions = {"IfMatch": f'"{expected.etag}"'} if expected.etag else {}
+        try:
+            await self._call("delete_object", key, Key=self._full(key), **conditions)
+        except FileNotFoundError:
+            return False
+        except ConnectionError as exc:
+            if exc.errno == errno.EAGAIN:  # the ETag no longer matches
+                return False
+            raise
+        return True
+
     async def _delete_objects(self, key: str, names: Sequence[str]) -> None:
         """Delete the objects ``names`` (full keys), 1,000 per request; raise if any failed."""
         for first in range(0, len(names), LIST_PAGE):
@@ -899,6 +917,18 @@ class S3Backend(Backend):
         if dst.startswith(src + "/"):
             raise OSError(errno.EINVAL, "cannot move a directory into itself", src)
         await self._move_directory(src, dst)
+
+    async def copy(self, src: str, dst: str) -> Info:
+        head = await self._head(src)
+        if head is None:
+            if await self._is_directory(src):
+                raise IsADirectoryError(errno.EISDIR, "is a directory", src)
+            raise FileNotFoundError(errno.ENOENT, "no such file", src)
+        if await self._is_directory(dst):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", dst)
+        size = int(head.get("ContentLength", 0))
+        await self._copy(src, self._full(src), self._full(dst), size, _etag(head.get("ETag")))
+        return await self.info(dst)
 
     async def _move_directory(self, src: str, dst: str) -> None:
         """Copy every object below ``src/`` to ``dst/`` (16 at a time), then delete the sources.
