@@ -28,7 +28,7 @@ import asyncio
 import errno
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import ClassVar, Final, Literal
@@ -275,22 +275,37 @@ class Backend(ABC):
     """Whether ``move`` of a file is one atomic step that keeps its bytes and its ``etag``
     (a rename); if not, a verified move is ``copy``, a check, then ``delete_if_unchanged``."""
 
-    async def copy(self, src: str, dst: str) -> Info:
+    async def copy(self, src: str, dst: str, *, expected: Info | None = None) -> Info:
         """Copy the file ``src`` to ``dst`` (replacing it), bytes, type and metadata, and
         return the new ``Info``; server-side where the store can. The default streams it.
+
+        Parameters
+        ----------
+        expected:
+            Copy only this version of ``src`` (its ``etag``), else raise ``ConnectionError``.
 
         Raises
         ------
         FileNotFoundError, IsADirectoryError
             ``src`` is not a file.
         ConnectionError
-            With ``errno.EAGAIN``: ``src`` changed while being copied; nothing was copied.
+            With ``errno.EAGAIN``: ``src`` is not (or no longer) the version expected.
         """
         async with await self.open_read(src) as reader:
             info = reader.info
+            if expected is not None and info.etag != expected.etag:
+                raise ConnectionError(errno.EAGAIN, "the object changed", src)
             return await self.write(
                 dst, reader.chunks(), content_type=info.content_type, metadata=info.metadata
             )
+
+    async def delete_unchanged(self, expected: Sequence[Info]) -> Sequence[bool]:
+        """Delete each file ``expected`` names if its content is still the one described
+        (its ``etag``); return, in order, which were deleted. Batched where the store can
+        (S3: 1,000 a request, the ETag checked by the store where it supports conditional
+        deletes); the default is ``delete_if_unchanged`` for each, which also checks ``mtime``.
+        """
+        return [await self.delete_if_unchanged(info.name, info) for info in expected]
 
     async def delete_if_unchanged(self, key: str, expected: Info) -> bool:
         """Delete the file ``key`` only if it is still the version ``expected`` describes

@@ -669,3 +669,26 @@ async def test_delete_if_unchanged_keeps_a_file_rewritten_since_it_was_listed(
     await put(backend, "p/kept.bin", b"second")
     assert await backend.delete_if_unchanged("p/kept.bin", listed) is False
     assert await get(backend, "p/kept.bin") == b"second"
+
+
+async def test_copy_of_an_expected_version_refuses_a_source_changed_since(
+    backend: Backend,
+) -> None:
+    await put(backend, "c/v.bin", b"one")
+    listed = (await backend.list("c")).entries[0]
+    copied = await backend.copy("c/v.bin", "c/w.bin", expected=listed)
+    assert (copied.size, await get(backend, "c/w.bin")) == (3, b"one")
+    await put(backend, "c/v.bin", b"two!")
+    with pytest.raises(ConnectionError) as caught:
+        await backend.copy("c/v.bin", "c/x.bin", expected=listed)
+    assert caught.value.errno == errno.EAGAIN
+    assert not await backend.exists("c/x.bin")
+
+
+async def test_delete_unchanged_deletes_a_batch_and_says_which(backend: Backend) -> None:
+    for i in range(5):
+        await put(backend, f"b/{i}", b"%d" % i)
+    listed = (await backend.list("b")).entries
+    deleted = await backend.delete_unchanged(listed)
+    assert list(deleted) == [True] * 5
+    assert await names(backend, "", recursive=True) == []
