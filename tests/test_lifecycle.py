@@ -350,3 +350,51 @@ def test_cli_quota_usage_purge_and_tenant_purge(tmp_path: Path) -> None:
     assert "2 object(s), 30 bytes deleted" in result.output
     assert not (base / "tenants/acme").exists()
     assert "acme" not in gateway("tenants", "list").output
+
+
+# -- usage with several worker processes -------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_usage_stays_exact_with_two_worker_processes(tmp_path: Path) -> None:
+    import urllib.request
+
+    from tests.support.gateway_process import GatewayProcess
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def call(gateway: GatewayProcess, method: str, path: str, data: bytes | None = None) -> Any:
+        request = urllib.request.Request(gateway.url + path, data=data, method=method)
+        with opener.open(request, timeout=30) as response:  # one connection per request
+            return response.status, response.read()
+
+    base = tmp_path / "data"
+    settings = {
+        "storage.type": "local",
+        "storage.local.base-path": str(base),
+        "auth.enabled": False,
+        "tenants": {"enabled": True, "ids": ["t1"]},
+    }
+    with GatewayProcess(settings, args=["--workers", "2"]) as gateway:
+        from tests.test_workers import _workers
+
+        _workers(gateway)  # both listening, so that both take connections
+        # The first reading counts the (empty) tenant once: from then on, only counters.
+        assert json.loads(call(gateway, "GET", "/api/v1/t1/usage")[1])["objects"] == 0
+        for i in range(40):
+            assert call(gateway, "PUT", f"/api/v1/t1/files/k{i}", b"x" * i)[0] == 201
+        for i in range(10):  # overwrites count the difference
+            assert call(gateway, "PUT", f"/api/v1/t1/files/k{i}", b"y" * 100)[0] == 201
+        for i in range(30, 40):
+            assert call(gateway, "DELETE", f"/api/v1/t1/files/k{i}")[0] == 204
+        expected = {"bytes": 10 * 100 + sum(range(10, 30)), "objects": 30}
+        deadline = time.monotonic() + 10
+        while True:
+            found = json.loads(call(gateway, "GET", "/api/v1/t1/usage")[1])
+            if {k: found[k] for k in expected} == expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        log = gateway.log_text()
+    assert {k: found[k] for k in expected} == expected, log[-3000:]
+    writers = [p.name for p in (base / ".gateway/usage/t1").iterdir() if p.name.startswith("p-")]
+    assert len(writers) == 2, (writers, log[-3000:])  # both counted, each in its own document
