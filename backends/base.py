@@ -159,6 +159,15 @@ class Backend(ABC):
             Nothing at ``key``.
         """
 
+    async def file_size(self, key: str) -> int | None:
+        """Return the size of the file at ``key``, or ``None`` if no file is there (a
+        directory included): the one look-up an upload makes to count what it replaces."""
+        try:
+            info = await self.info(key)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return None if info.is_dir else info.size
+
     async def exists(self, key: str) -> bool:
         try:
             await self.info(key)

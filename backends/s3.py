@@ -541,6 +541,10 @@ class S3Backend(Backend):
             return None
         return head
 
+    async def file_size(self, key: str) -> int | None:
+        head = await self._head(key)  # one request: a prefix is no file
+        return None if head is None else int(head.get("ContentLength", 0))
+
     async def _is_directory(self, key: str) -> bool:
         """Return whether any object (a marker included) lies below ``key``."""
         page = await self._call("list_objects_v2", key, Prefix=self._prefix(key), MaxKeys=1)

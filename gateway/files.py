@@ -150,7 +150,6 @@ class _Body:
 
     def __init__(self, request: web.Request, limits: _Limits, read_timeout: float) -> None:
         self.request = request
-        self.max_size = limits.max_size
         self.limits = limits
         self.read_timeout = read_timeout
         self.md5 = _digest_header(request.headers, "Content-MD5", 16)
@@ -204,7 +203,7 @@ class _Limits:
             raise InsufficientStorage(self.budget_rule)
 
 
-async def _limits(request: web.Request, scope: Scope, replaced: Info | None) -> _Limits:
+async def _limits(request: web.Request, scope: Scope, replaced: int | None) -> _Limits:
     """Given an upload and the object it replaces, return its limits (413 and 507 rules)."""
     max_size: int = request.app[CONFIG]["limits.max-object-size"]
     size_rule = f"an object is limited to {max_size} bytes (limits.max-object-size)"
@@ -221,7 +220,7 @@ async def _limits(request: web.Request, scope: Scope, replaced: Info | None) -> 
     if tenant is None or tenant.max_bytes is None:
         return _Limits(max_size, size_rule, None, "")
     used = (await request.app[USAGE].current(scope.tenant)).bytes
-    budget = tenant.max_bytes - used + (0 if replaced is None else replaced.size)
+    budget = tenant.max_bytes - used + (replaced or 0)
     budget_rule = (
         f"this tenant's quota is {tenant.max_bytes} bytes (quota maxBytes) and {used} are "
         "used: the upload would cross it; nothing was stored"
@@ -229,20 +228,11 @@ async def _limits(request: web.Request, scope: Scope, replaced: Info | None) -> 
     return _Limits(max_size, size_rule, budget, budget_rule)
 
 
-async def _file_info(backend: Backend, physical: str) -> Info | None:
-    """Given a key, return the file there (for the usage counters), or ``None``."""
-    try:
-        info = await backend.info(physical)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    return None if info.is_dir else info
-
-
 async def put_file(request: web.Request, scope: Scope, raw_key: str | None) -> web.Response:
     physical = _key(scope, raw_key)
     headers = request.headers
     backend = _backend(request)
-    replaced = await _file_info(backend, physical)
+    replaced = await backend.file_size(physical)  # for the usage counters and quotas
     limits = await _limits(request, scope, replaced)
     if request.content_length is not None:
         limits.check(request.content_length)  # before a byte of the body is read
@@ -276,9 +266,7 @@ async def put_file(request: web.Request, scope: Scope, raw_key: str | None) -> w
         raise PreconditionFailed("If-None-Match: * and an object exists at this key") from None
     except EOFError:
         raise zerocopy.body_ended_early() from None
-    request.app[USAGE].add(
-        scope.tenant, info.size - (0 if replaced is None else replaced.size), replaced is None
-    )
+    request.app[USAGE].add(scope.tenant, info.size - (replaced or 0), 1 if replaced is None else 0)
     key = keys.unresolve(scope, physical)
     etag = quote_etag(info.etag)
     return web.json_response(
@@ -513,13 +501,13 @@ async def delete(request: web.Request, scope: Scope, raw_key: str | None) -> web
             count = await backend.delete_prefix(physical)
             usage.add(scope.tenant, -size, -count)
             return web.json_response({"deleted": count})
-    gone = await _file_info(backend, physical)
+    gone = await backend.file_size(physical)
     try:
         await backend.delete(physical)
     except IsADirectoryError:
         raise Conflict("a directory is at this key; delete it with ?recursive=true") from None
     if gone is not None:
-        usage.add(scope.tenant, -gone.size, -1)
+        usage.add(scope.tenant, -gone, -1)
     return web.Response(status=204)
 
 

@@ -692,3 +692,10 @@ async def test_delete_unchanged_deletes_a_batch_and_says_which(backend: Backend)
     deleted = await backend.delete_unchanged(listed)
     assert list(deleted) == [True] * 5
     assert await names(backend, "", recursive=True) == []
+
+
+async def test_file_size_is_the_size_of_a_file_and_none_elsewhere(backend: Backend) -> None:
+    await put(backend, "s/d/f.bin", b"12345")
+    assert await backend.file_size("s/d/f.bin") == 5
+    assert await backend.file_size("s/d") is None
+    assert await backend.file_size("s/none") is None
