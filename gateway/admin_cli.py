@@ -381,11 +381,12 @@ def tenants_delete(tenant_id: str, purge: bool, yes: bool, config_path: str | No
         )
 
     async def operation(registry: Registry) -> None:
-        from .lifecycle import purge_tenant
+        from .lifecycle import audit, purge_tenant
         from .usage import Usage
 
         usage = Usage(registry.backend)
         settle = 2 * float(config["auth.cache-seconds"])
+        await audit(registry.backend, tenant_id, "tenant.purge", tenant_id)
         report = await purge_tenant(registry.backend, registry, usage, tenant_id, settle=settle)
         click.echo(
             f"purged tenant {tenant_id}: {report.deleted} object(s), {report.bytes} bytes "

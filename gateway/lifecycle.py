@@ -35,6 +35,7 @@ from typing import Any, Final, Literal
 from backends.base import SYSTEM_PREFIX, Backend, Info, same_version
 
 from . import keys
+from .audit import AuditLog, Pending, make_record, now_ns
 from .errors import BadRequest, Conflict, InvalidKey, NotFound
 from .keys import NULL_SCOPE, Scope
 from .registry import Registry
@@ -95,6 +96,20 @@ async def _info(backend: Backend, key: str) -> Info | None:
     except (FileNotFoundError, NotADirectoryError):
         return None
     return None if info.is_dir else info
+
+
+async def audit(
+    backend: Backend, tenant: str | None, action: str, key: str | None, status: int = 200
+) -> None:
+    """Record a command's mutation in the tenant's audit log, as the API records its own (the
+    identity: the operator at the command line)."""
+    records = AuditLog(backend)
+    stamp = now_ns()
+    identity = {"kind": "operator", "name": "gateway-cli"}
+    records.submit(
+        tenant, make_record(Pending(tenant, action, key), identity, status, stamp), stamp
+    )
+    await records.close()
 
 
 # -- purge -------------------------------------------------------------------------------------

@@ -22,7 +22,14 @@ from .admin_cli import CONTEXT, Duration, Refused, _load, _print_json, _table, c
 from .admin_cli import tenants as tenants_group
 from .errors import Conflict, GatewayError, NotFound
 from .keys import NULL_SCOPE
-from .lifecycle import MOVE_CONCURRENCY, Outcome, Progress, migrate_default_tenant, purge
+from .lifecycle import (
+    MOVE_CONCURRENCY,
+    Outcome,
+    Progress,
+    audit,
+    migrate_default_tenant,
+    purge,
+)
 from .registry import Registry
 from .usage import Usage, walk_files
 
@@ -131,6 +138,10 @@ def migrate_default(
                 report = await migrate_default_tenant(
                     backend, registry, usage, tenant_id, name=tenant_name, progress=advance
                 )
+        if not dry_run and not report.nothing_to_do:
+            status = 409 if report.conflicts or report.refused else 200
+            for scope in (None, tenant_id):
+                await audit(backend, scope, "tenant.migrate", f"default -> {tenant_id}", status)
         return report.to_json()
 
     found = run(config, operation, {Conflict: "see `gateway tenants list`"})
@@ -191,6 +202,8 @@ def purge_command(
             )
         finally:
             await usage.close()
+        if not dry_run:
+            await audit(registry.backend, tenant, "files.purge", prefix or None)
         return report.to_json()
 
     found = run(config, operation)

@@ -341,6 +341,8 @@ def test_cli_quota_usage_purge_and_tenant_purge(tmp_path: Path) -> None:
     ]
     result = gateway("purge", "--tenant", "acme", "--older-than", "1h", "--dry-run")
     assert result.output.startswith("would delete 0 file(s)"), result.output
+    result = gateway("purge", "--tenant", "acme", "--prefix", "ns", "--older-than", "1h")
+    assert result.output.startswith("deleted 0 file(s) (0 bytes) of tenant acme"), result.output
     result = gateway("purge", "--tenant", "acme", "--prefix", "../x", "--older-than", "1d")
     assert result.exit_code == 1 and "dot" in result.output
     result = gateway("tenants", "delete", "--tenant", "acme", "--purge", input="n\n")
@@ -350,6 +352,16 @@ def test_cli_quota_usage_purge_and_tenant_purge(tmp_path: Path) -> None:
     assert "2 object(s), 30 bytes deleted" in result.output
     assert not (base / "tenants/acme").exists()
     assert "acme" not in gateway("tenants", "list").output
+    # Both commands are in the tenant's audit log (kept: it records the purge).
+    records = [
+        json.loads(line)
+        for path in (base / ".gateway/audit/acme").iterdir()
+        for line in path.read_text().splitlines()
+    ]
+    assert {(r["action"], r["key"]) for r in records} == {
+        ("files.purge", "ns"),
+        ("tenant.purge", "acme"),
+    }
 
 
 # -- usage with several worker processes -------------------------------------------------------
