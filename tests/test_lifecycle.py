@@ -27,7 +27,7 @@ from gateway import config, usage
 from gateway.app import create_app
 from gateway.cli import main
 from gateway.keys import tenant_scope
-from gateway.lifecycle import purge, purge_tenant
+from gateway.lifecycle import migrate_default_tenant, purge, purge_tenant
 from gateway.registry import Registry
 from gateway.usage import Usage
 from tests.backends.helpers import get, names, put
@@ -139,6 +139,54 @@ async def test_tenant_purge_leaves_no_object_under_its_prefix(
     # Run again (an interrupted purge is finished so): nothing left to do, no error.
     again = await purge_tenant(backend, registry, counters, "acme")
     assert (again.deleted, again.bytes) == (0, 0)
+
+
+# -- moving the default tenant's data: roles, conflicts, refusals (every backend) -------------
+
+
+@on_backends
+async def test_migration_grants_roles_moves_dedupes_and_leaves_conflicts_at_the_root(
+    backend: Backend, registry: Registry
+) -> None:
+    long_key = "/".join(["x" * 250] * 4) + "/long.txt"  # fits at the root, not in tenants/acme/
+    root = {"a.txt": b"a", "ns/b.txt": b"b", "ns/conflict.txt": b"mine", "dup.txt": b"same",
+            long_key: b"long"}  # fmt: skip
+    for key, data in root.items():
+        await put(backend, key, data)
+    await put(backend, "tenants/acme/ns/conflict.txt", b"theirs")
+    await put(backend, "tenants/acme/dup.txt", b"same")
+    await registry.create_tenant("acme", "Acme")
+    for name in ("alice", "bob"):
+        await registry.create_user(name, f"{name} password")
+    await registry.grant(None, "user", "alice", "EDITOR")
+    await registry.grant(None, "user", "bob", "VIEWER")
+    await registry.grant("acme", "user", "bob", "ADMIN")
+    counters = Usage(backend)
+
+    seen: list[str] = []
+    dry = await migrate_default_tenant(
+        backend, registry, counters, "acme", dry_run=True, on_key=lambda k, o: seen.append(k)
+    )
+    assert (dry.moved, dry.refused, dry.granted) == (4, [long_key], ["user/alice=EDITOR"])
+    assert sorted(seen) == sorted(k for k in root if k != long_key)
+    assert await get(backend, "a.txt") == b"a"  # a dry run moves nothing
+    assert registry.snapshot.role("acme", "user", "alice") is None
+
+    report = await migrate_default_tenant(backend, registry, counters, "acme")
+    assert (report.moved, report.deduplicated) == (2, 1)
+    assert (report.conflicts, report.refused) == (["ns/conflict.txt"], [long_key])
+    assert registry.snapshot.role("acme", "user", "alice") == "EDITOR"
+    assert registry.snapshot.role("acme", "user", "bob") == "ADMIN"  # kept, not lowered
+    assert await get(backend, "tenants/acme/a.txt") == b"a"
+    assert await get(backend, "tenants/acme/ns/b.txt") == b"b"
+    assert await get(backend, "tenants/acme/ns/conflict.txt") == b"theirs"
+    left = {n for n in await names(backend, "", recursive=True) if not n.startswith(".gateway")}
+    assert left == {
+        "ns/conflict.txt", long_key, "tenants/acme/a.txt", "tenants/acme/ns/b.txt",
+        "tenants/acme/ns/conflict.txt", "tenants/acme/dup.txt",
+    }  # fmt: skip
+    again = await migrate_default_tenant(backend, registry, counters, "acme")
+    assert again.nothing_to_do and again.conflicts == ["ns/conflict.txt"]
 
 
 # -- usage counters ----------------------------------------------------------------------------
