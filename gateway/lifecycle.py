@@ -7,12 +7,15 @@ same functions serve the CLI (``gateway migrate``, ``gateway purge``, ``gateway 
 
 Migration (``migrate_default_tenant``): every file of the null tenant (the root minus the
 reserved prefixes) goes to ``tenants/<id>/<same key>``. Where the backend moves a file in one
-atomic step (``Backend.atomic_moves``: a rename on local disk) that is the move; elsewhere (S3)
-it is a server-side copy, a check of the copy (size, then ETag or SHA-256), then a delete of
-the source only if it is still the version that was copied (``delete_if_unchanged``). Copies run
-``MOVE_CONCURRENCY`` at a time. What is left to move is always "what is still at the root", so a
-killed run resumes by running again: an object copied but not yet deleted is found at both
-places with the same content and only its source is deleted; a second run finds nothing. The
+atomic step (``Backend.atomic_moves``: a rename on local disk) that is the move, checked by one
+listing of the page's new places; elsewhere (S3) it is a server-side copy of the version listed,
+a check of the copy (size, then ETag or SHA-256), then, for the page, a second listing of the
+sources and one batch delete of those still the version copied (``delete_unchanged``, the ETag
+checked by the store where it can). Moves run ``MOVE_CONCURRENCY`` at a time, a page (a listing
+of up to 1,000 files) after another. What is left to move is always "what is still at the
+root", so a killed run resumes by running again: an object copied but not yet deleted is found
+at both places with the same content and only its source is deleted; a second run finds
+nothing. The
 journal (``JOURNAL_KEY``) holds the target tenant (a run into another tenant is refused while
 one is unfinished) and the running totals. Both tenants' usage counters are recomputed at the
 end.
