@@ -28,7 +28,7 @@ import asyncio
 import errno
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import ClassVar, Final, Literal
@@ -159,6 +159,15 @@ class Backend(ABC):
             Nothing at ``key``.
         """
 
+    async def file_size(self, key: str) -> int | None:
+        """Return the size of the file at ``key``, or ``None`` if no file is there (a
+        directory included): the one look-up an upload makes to count what it replaces."""
+        try:
+            info = await self.info(key)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return None if info.is_dir else info.size
+
     async def exists(self, key: str) -> bool:
         try:
             await self.info(key)
@@ -271,6 +280,62 @@ class Backend(ABC):
         FileNotFoundError, FileExistsError, NotADirectoryError
         """
 
+    atomic_moves: ClassVar[bool] = False
+    """Whether ``move`` of a file is one atomic step that keeps its bytes and its ``etag``
+    (a rename); if not, a verified move is ``copy``, a check, then ``delete_if_unchanged``."""
+
+    async def copy(self, src: str, dst: str, *, expected: Info | None = None) -> Info:
+        """Copy the file ``src`` to ``dst`` (replacing it), bytes, type and metadata, and
+        return the new ``Info``; server-side where the store can. The default streams it.
+
+        Parameters
+        ----------
+        expected:
+            Copy only this version of ``src`` (its ``etag``), else raise ``ConnectionError``.
+
+        Raises
+        ------
+        FileNotFoundError, IsADirectoryError
+            ``src`` is not a file.
+        ConnectionError
+            With ``errno.EAGAIN``: ``src`` is not (or no longer) the version expected.
+        """
+        async with await self.open_read(src) as reader:
+            info = reader.info
+            if expected is not None and info.etag != expected.etag:
+                raise ConnectionError(errno.EAGAIN, "the object changed", src)
+            return await self.write(
+                dst, reader.chunks(), content_type=info.content_type, metadata=info.metadata
+            )
+
+    async def delete_unchanged(self, expected: Sequence[Info]) -> Sequence[bool]:
+        """Delete each file ``expected`` names if its content is still the one described
+        (its ``etag``); return, in order, which were deleted. Batched where the store can
+        (S3: 1,000 a request, the ETag checked by the store where it supports conditional
+        deletes); the default is ``delete_if_unchanged`` for each, which also checks ``mtime``.
+        """
+        return [await self.delete_if_unchanged(info.name, info) for info in expected]
+
+    async def delete_if_unchanged(self, key: str, expected: Info) -> bool:
+        """Delete the file ``key`` only if it is still the version ``expected`` describes
+        (same ``etag``, ``size`` and ``mtime``); return whether it was deleted.
+
+        A file rewritten, replaced or removed since ``expected`` was read stays as it is
+        (``False``). The default checks, then deletes: a write landing between the two is
+        deleted with it; backends narrow or close that window where the store allows.
+        """
+        try:
+            current = await self.info(key)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        if not same_version(current, expected):
+            return False
+        try:
+            await self.delete(key)
+        except (FileNotFoundError, IsADirectoryError):
+            return False
+        return True
+
     @abstractmethod
     async def mkdir(self, key: str) -> None:
         """Create the directory ``key`` and its parents; no error if it is already a directory.
@@ -287,6 +352,16 @@ class Backend(ABC):
 def sort_key(info: Info) -> str:
     """Given an entry of a one-level listing, return the string it sorts and pages by."""
     return info.name + "/" if info.is_dir else info.name
+
+
+def same_version(current: Info, expected: Info) -> bool:
+    """Given two ``Info`` of one key, say whether they describe the same version of a file."""
+    return (
+        not current.is_dir
+        and current.etag == expected.etag
+        and current.size == expected.size
+        and current.mtime == expected.mtime
+    )
 
 
 def metadata_size(metadata: Mapping[str, str]) -> int:

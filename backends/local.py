@@ -63,6 +63,7 @@ from .base import (
     Reader,
     SocketBody,
     close_when_idle,
+    same_version,
 )
 
 CHUNK_SIZE: Final = 1024 * 1024
@@ -584,6 +585,7 @@ class LocalBackend(Backend):
 
     protocol = "local"
     empty_directories = True
+    atomic_moves = True
 
     def __init__(self, base_path: str | os.PathLike[str]) -> None:
         self.base_path = os.fspath(base_path)
@@ -1028,6 +1030,33 @@ class LocalBackend(Backend):
             except FileNotFoundError:
                 raise _not_found(key) from None
             os.fsync(parent)
+        finally:
+            os.close(parent)
+
+    async def delete_if_unchanged(self, key: str, expected: Info) -> bool:
+        return await asyncio.to_thread(self._delete_if_unchanged, key, expected)
+
+    def _delete_if_unchanged(self, key: str, expected: Info) -> bool:
+        """Compare and unlink in one worker-thread call: the window in which a new version
+        renamed into place could go with the old one is the two system calls' gap."""
+        segments = _split(key)
+        try:
+            parent = self._lookup_dir(segments[:-1], key)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        try:
+            try:
+                st = os.stat(segments[-1], dir_fd=parent, follow_symlinks=False)
+            except FileNotFoundError:
+                return False
+            if not stat.S_ISREG(st.st_mode) or not same_version(_file_info(key, st), expected):
+                return False
+            try:
+                os.unlink(segments[-1], dir_fd=parent)
+            except FileNotFoundError:
+                return False
+            os.fsync(parent)
+            return True
         finally:
             os.close(parent)
 

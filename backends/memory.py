@@ -71,6 +71,7 @@ class MemoryBackend(Backend):
 
     protocol = "memory"
     empty_directories = True
+    atomic_moves = True
 
     def __init__(self) -> None:
         self._files: dict[str, tuple[bytes, Info]] = {}

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import builtins
 import contextlib
 import errno
 import logging
@@ -54,6 +55,7 @@ from .base import (
     Page,
     Reader,
     no_space,
+    same_version,
     sort_key,
 )
 
@@ -539,6 +541,10 @@ class S3Backend(Backend):
             return None
         return head
 
+    async def file_size(self, key: str) -> int | None:
+        head = await self._head(key)  # one request: a prefix is no file
+        return None if head is None else int(head.get("ContentLength", 0))
+
     async def _is_directory(self, key: str) -> bool:
         """Return whether any object (a marker included) lies below ``key``."""
         page = await self._call("list_objects_v2", key, Prefix=self._prefix(key), MaxKeys=1)
@@ -866,6 +872,23 @@ class S3Backend(Backend):
             raise FileNotFoundError(errno.ENOENT, "no such directory", key)
         return count
 
+    async def delete_if_unchanged(self, key: str, expected: Info) -> bool:
+        head = await self._head(key)
+        if head is None or not same_version(self._file_info(key, head), expected):
+            return False
+        # If-Match makes the delete conditional in the store (AWS, MinIO, moto); a store that
+        # ignores it leaves the gap between the HEAD and the DELETE.
+        conditions = {"IfMatch": f'"{expected.etag}"'} if expected.etag else {}
+        try:
+            await self._call("delete_object", key, Key=self._full(key), **conditions)
+        except FileNotFoundError:
+            return False
+        except ConnectionError as exc:
+            if exc.errno == errno.EAGAIN:  # the ETag no longer matches
+                return False
+            raise
+        return True
+
     async def _delete_objects(self, key: str, names: Sequence[str]) -> None:
         """Delete the objects ``names`` (full keys), 1,000 per request; raise if any failed."""
         for first in range(0, len(names), LIST_PAGE):
@@ -899,6 +922,64 @@ class S3Backend(Backend):
         if dst.startswith(src + "/"):
             raise OSError(errno.EINVAL, "cannot move a directory into itself", src)
         await self._move_directory(src, dst)
+
+    async def copy(self, src: str, dst: str, *, expected: Info | None = None) -> Info:
+        # One request when the version is known (a listing gave it): CopyObject, conditional
+        # on the source's ETag. As S3 does, a copy onto a "directory" makes a file beside it.
+        if expected is None:
+            head = await self._head(src)
+            if head is None:
+                if await self._is_directory(src):
+                    raise IsADirectoryError(errno.EISDIR, "is a directory", src)
+                raise FileNotFoundError(errno.ENOENT, "no such file", src)
+            expected = self._file_info(src, head)
+        if expected.size > self.multipart_copy_threshold:
+            await self._copy(src, self._full(src), self._full(dst), expected.size, expected.etag)
+            return await self.info(dst)
+        conditions = {"CopySourceIfMatch": f'"{expected.etag}"'} if expected.etag else {}
+        response = await self._call(
+            "copy_object",
+            src,
+            Key=self._full(dst),
+            CopySource={"Bucket": self.bucket, "Key": self._full(src)},
+            MetadataDirective="COPY",
+            **conditions,
+        )
+        result = response.get("CopyObjectResult", {})
+        etag = _etag(result.get("ETag"))
+        if expected.etag and "-" not in expected.etag and etag != expected.etag:
+            # A store that ignores CopySourceIfMatch (moto) copied another version: undo it.
+            with contextlib.suppress(FileNotFoundError):
+                await self._call("delete_object", dst, Key=self._full(dst))
+            raise ConnectionError(errno.EAGAIN, f"S3 copy_object of {src!r}: the object changed")
+        mtime = _timestamp(result.get("LastModified"))
+        return Info(
+            name=dst,
+            type=FILE,
+            size=expected.size,
+            mtime=mtime,
+            ctime=mtime,
+            etag=etag,
+            content_type=expected.content_type,
+            metadata=expected.metadata,
+        )
+
+    async def delete_unchanged(self, expected: Sequence[Info]) -> Sequence[bool]:
+        deleted: builtins.list[bool] = []
+        for first in range(0, len(expected), LIST_PAGE):
+            batch = expected[first : first + LIST_PAGE]
+            objects: list[dict[str, str]] = []
+            for info in batch:
+                item = {"Key": self._full(info.name)}
+                if info.etag:
+                    item["ETag"] = f'"{info.etag}"'
+                objects.append(item)
+            response = await self._call(
+                "delete_objects", batch[0].name, Delete={"Objects": objects, "Quiet": True}
+            )
+            failed = {e.get("Key") for e in response.get("Errors", ())}
+            deleted += [self._full(info.name) not in failed for info in batch]
+        return deleted
 
     async def _move_directory(self, src: str, dst: str) -> None:
         """Copy every object below ``src/`` to ``dst/`` (16 at a time), then delete the sources.

@@ -21,9 +21,10 @@ from .access import ANONYMOUS, NO_ACCESS, Identity, identify, role_of, tenant_us
 from .audit import DEFAULT_LIMIT, MAX_LIMIT
 from .errors import BadRequest, Forbidden, NotFound
 from .files import read_json
+from .lifecycle import purge_tenant as purge_tenant_data
 from .observability import AUDIT, note_identity, note_mutation
 from .registry import ROLES, Registry
-from .state import CONFIG, REGISTRY
+from .state import BACKEND, CONFIG, REGISTRY, USAGE
 
 KINDS: Final = ("user", "service-account")
 
@@ -141,11 +142,23 @@ async def update_tenant(request: web.Request) -> web.Response:
         raise BadRequest("id: a tenant's id cannot change")
     if deleted is not None and not caller.super_admin:
         raise Forbidden("deleting or restoring a tenant needs a super admin")
+    quota = _field(body, "quota", dict, required=False)
+    limits: dict[str, Any] = {}
+    if quota is not None:
+        if not caller.super_admin:
+            raise Forbidden("setting a tenant's quota needs a super admin")
+        unknown = set(quota) - {"maxBytes", "maxObjectSize"}
+        if unknown:
+            raise BadRequest("quota: only maxBytes and maxObjectSize")
+        if "maxBytes" in quota:
+            limits["max_bytes"] = quota["maxBytes"]
+        if "maxObjectSize" in quota:
+            limits["max_object_size"] = quota["maxObjectSize"]
     snapshot = _registry(request).snapshot
     if not caller.super_admin and role_of(snapshot, caller, tenant_id) != "ADMIN":
         raise Forbidden(NO_ACCESS)
     note_mutation(request, tenant_id, "tenant.update", tenant_id)
-    tenant = await _registry(request).update_tenant(tenant_id, name=name, deleted=deleted)
+    tenant = await _registry(request).update_tenant(tenant_id, name=name, deleted=deleted, **limits)
     return web.json_response(tenant.to_json())
 
 
@@ -166,6 +179,29 @@ async def delete_tenant(request: web.Request) -> web.Response:
 
 async def restore_tenant(request: web.Request) -> web.Response:
     return await _set_deleted(request, False)
+
+
+async def purge_tenant(request: web.Request) -> web.Response:
+    """Delete a tenant with every object it holds (super admin, ``{"confirm": "<id>"}``):
+    soft delete, wait for the replicas to see it, delete the objects, the roles, the tenant.
+    Interrupted, the same request (the tenant is then soft-deleted) finishes it."""
+    await _super_admin(request)
+    tenant_id = request.match_info["tenant"]
+    registry = _registry(request)
+    if tenant_id not in registry.snapshot.tenants:
+        raise NotFound("no such tenant")
+    body = await read_json(request)
+    if body.get("confirm") != tenant_id:
+        raise BadRequest(
+            "confirm: must be the tenant's id; this deletes every object of the tenant, "
+            "then the tenant, for good"
+        )
+    note_mutation(request, tenant_id, "tenant.purge", tenant_id)
+    settle = 2 * float(request.app[CONFIG]["auth.cache-seconds"])
+    report = await purge_tenant_data(
+        request.app[BACKEND], registry, request.app[USAGE], tenant_id, settle=settle
+    )
+    return web.json_response(report.to_json())
 
 
 # -- bindings ----------------------------------------------------------------------------------
@@ -350,6 +386,7 @@ def add_routes(router: web.UrlDispatcher) -> None:
     router.add_put("/api/v1/tenants/{tenant}", update_tenant)
     router.add_delete("/api/v1/tenants/{tenant}", delete_tenant)
     router.add_post("/api/v1/tenants/{tenant}/restore", restore_tenant)
+    router.add_post("/api/v1/tenants/{tenant}/purge", purge_tenant)
     router.add_get("/api/v1/tenants/{tenant}/audit", tenant_audit)
     router.add_get("/api/v1/audit", null_tenant_audit)
     router.add_get("/api/v1/bindings", list_bindings)

@@ -25,9 +25,10 @@ from typing import Any, Final, TypeVar
 
 import click
 
-from .config import Config, ConfigError, load
-from .errors import Conflict, GatewayError, NotFound
+from .config import Config, ConfigError, load, parse_size
+from .errors import BadRequest, Conflict, GatewayError, NotFound
 from .keys import check_tenant_id
+from .lifecycle import parse_duration
 from .registry import ROLES, Registry
 
 T = TypeVar("T")
@@ -36,8 +37,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 CONTEXT: Final = {"help_option_names": ["-h", "--help"]}
 # Fields an entity's JSON may carry that no output shows, whatever the registry adds later.
 SECRET_FIELD: Final = re.compile(r"hash|password|secret|salt|plaintext|^token$", re.IGNORECASE)
-DURATION_RE: Final = re.compile(r"\s*(\d+)\s*([smhd]?)\s*", re.IGNORECASE)
-SECONDS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 Hints = Mapping[type[GatewayError], str]
 
@@ -299,21 +298,102 @@ def _change_tenant(config_path: str | None, tenant_id: str, verb: str, **change:
     run(_load(config_path), operation, _tenant_hints(tenant_id))
 
 
+NO_LIMIT: Final = -1
+
+
+class Limit(click.ParamType[int, "str | int"]):
+    """A size such as ``10GiB``, ``500MB`` or ``1048576``, or ``none`` (``NO_LIMIT``)."""
+
+    name = "size"
+
+    def convert(
+        self, value: str | int, param: click.Parameter | None, ctx: click.Context | None
+    ) -> int:
+        if isinstance(value, int):
+            return value
+        if value.strip().lower() == "none":
+            return NO_LIMIT
+        try:
+            return parse_size(param.name if param and param.name else "size", value)
+        except ConfigError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 @tenants.command("update", context_settings=CONTEXT)
 @click.option("--tenant", "tenant_id", required=True, help="tenant identifier")
-@click.option("--name", required=True, help="new tenant description")
+@click.option("--name", help="new tenant description")
+@click.option(
+    "--max-bytes",
+    type=Limit(),
+    help="Quota: the most bytes the tenant may hold (10GiB, 500MB...; none: no limit).",
+)
+@click.option(
+    "--max-object-size",
+    type=Limit(),
+    help="Quota: the largest object the tenant may upload (none: the gateway's limit).",
+)
 @config_option
-def tenants_update(tenant_id: str, name: str, config_path: str | None) -> None:
-    """Rename a tenant (its identifier never changes)."""
-    _change_tenant(config_path, tenant_id, "updated", name=name)
+def tenants_update(
+    tenant_id: str,
+    name: str | None,
+    max_bytes: int | None,
+    max_object_size: int | None,
+    config_path: str | None,
+) -> None:
+    """Rename a tenant (its identifier never changes) or set its quotas."""
+    change: dict[str, Any] = {}
+    if max_bytes is not None:
+        change["max_bytes"] = None if max_bytes == NO_LIMIT else max_bytes
+    if max_object_size is not None:
+        change["max_object_size"] = None if max_object_size == NO_LIMIT else max_object_size
+    if name is None and not change:
+        raise click.UsageError("name something to change: --name, --max-bytes, --max-object-size")
+    _change_tenant(config_path, tenant_id, "updated", name=name, **change)
 
 
 @tenants.command("delete", context_settings=CONTEXT)
 @click.option("--tenant", "tenant_id", required=True, help="tenant identifier")
+@click.option(
+    "--purge",
+    is_flag=True,
+    help="Delete every object of the tenant, then the tenant and its roles, for good.",
+)
+@click.option("--yes", is_flag=True, help="With --purge: do not ask for confirmation.")
 @config_option
-def tenants_delete(tenant_id: str, config_path: str | None) -> None:
-    """Soft-delete a tenant: it is refused from now on; its files and members are kept."""
-    _change_tenant(config_path, tenant_id, "deleted", deleted=True)
+def tenants_delete(tenant_id: str, purge: bool, yes: bool, config_path: str | None) -> None:
+    """Soft-delete a tenant: it is refused from now on; its files and members are kept.
+
+    With --purge: soft-delete it, delete every object under its folder, its usage counters,
+    its role bindings, then the tenant itself. An interrupted purge is finished by running
+    the same command again.
+    """
+    if not purge:
+        _change_tenant(config_path, tenant_id, "deleted", deleted=True)
+        return
+    try:
+        check_tenant_id(tenant_id)
+    except GatewayError as exc:
+        raise Refused(exc.message) from None
+    config = _load(config_path)
+    if not yes:
+        click.confirm(
+            f"Delete tenant {tenant_id!r} and every object it holds, for good?", abort=True
+        )
+
+    async def operation(registry: Registry) -> None:
+        from .lifecycle import audit, purge_tenant
+        from .usage import Usage
+
+        usage = Usage(registry.backend)
+        settle = 2 * float(config["auth.cache-seconds"])
+        await audit(registry.backend, tenant_id, "tenant.purge", tenant_id)
+        report = await purge_tenant(registry.backend, registry, usage, tenant_id, settle=settle)
+        click.echo(
+            f"purged tenant {tenant_id}: {report.deleted} object(s), {report.bytes} bytes "
+            "deleted; the tenant and its roles are gone"
+        )
+
+    run(config, operation, _tenant_hints(tenant_id))
 
 
 @tenants.command("restore", context_settings=CONTEXT)
@@ -631,16 +711,10 @@ class Duration(click.ParamType[int, "str | int"]):
     def convert(
         self, value: str | int, param: click.Parameter | None, ctx: click.Context | None
     ) -> int:
-        if isinstance(value, int):
-            seconds = value
-        else:
-            match = DURATION_RE.fullmatch(str(value))
-            if not match:
-                self.fail(f"{value!r} is not a duration such as 30d, 12h, 15m or 3600s", param, ctx)
-            seconds = int(match[1]) * SECONDS[match[2].lower()]
-        if seconds <= 0:
-            self.fail("a duration must be above zero", param, ctx)
-        return seconds
+        try:
+            return parse_duration(str(value))
+        except BadRequest as exc:
+            self.fail(exc.message, param, ctx)
 
 
 @click.group(context_settings=CONTEXT)

@@ -22,7 +22,7 @@ from aiohttp import web
 from backends.base import Backend
 from backends.registry import backend_class
 
-from . import admin, files, keys, observability, webui, zerocopy
+from . import admin, files, keys, lifecycle_api, observability, webui, zerocopy
 from .access import Action, authorize, identify
 from .audit import AuditLog
 from .config import Config
@@ -32,8 +32,9 @@ from .observability import AUDIT, METRICS, Metrics, metrics_handler, observabili
 from .openapi import openapi_document
 from .registry import Registry
 from .sessions import SESSIONS, Sessions
-from .state import BACKEND, CONFIG, IN_FLIGHT, REGISTRY, STARTED, TENANCY, InFlight
+from .state import BACKEND, CONFIG, IN_FLIGHT, REGISTRY, STARTED, TENANCY, USAGE, InFlight
 from .tenancy import Tenancy
+from .usage import Usage
 
 log = logging.getLogger("gateway")
 
@@ -52,6 +53,8 @@ ACTIONS: Final[Mapping[str, Mapping[str, tuple[Handler, Action]]]] = MappingProx
         "list": {"GET": (files.list_dir, "read")},
         "directories": {"POST": (files.make_directory, "write")},
         "move": {"POST": (files.move, "write")},
+        "usage": {"GET": (lifecycle_api.usage, "manage")},
+        "purge": {"POST": (lifecycle_api.purge, "manage")},
     }
 )
 API_PREFIX: Final = "/api/v1/"
@@ -326,6 +329,7 @@ def create_app(config: Config, backend: Backend | None = None) -> web.Applicatio
         lifetime=config["auth.session-seconds"],
         cache_seconds=config["auth.cache-seconds"],
     )
+    app[USAGE] = Usage(app[BACKEND])
 
     app[STARTED] = asyncio.Event()
 
@@ -339,6 +343,7 @@ def create_app(config: Config, backend: Backend | None = None) -> web.Applicatio
             await asyncio.wait_for(asyncio.shield(starting), START_WAIT)
         if starting.done() and starting.exception() is not None:
             raise starting.exception()  # type: ignore[misc]
+        app[USAGE].start()
         try:
             yield
         finally:
@@ -346,6 +351,7 @@ def create_app(config: Config, backend: Backend | None = None) -> web.Applicatio
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await starting
             await app[AUDIT].close()  # the records of the last requests, before the store goes
+            await app[USAGE].close()  # the last counts, too
             await app[REGISTRY].close()
             await app[BACKEND].close()
 

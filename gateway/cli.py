@@ -276,8 +276,10 @@ def show_config() -> None:
 
 
 from .admin_cli import register  # noqa: E402  (after main: the admin commands join it)
+from .lifecycle_cli import register as register_lifecycle  # noqa: E402
 
 register(main)
+register_lifecycle(main)
 
 from .client.cli import files  # noqa: E402  (the client's commands: `gateway files ...`)
 

@@ -37,6 +37,7 @@ from .errors import (
     BadRequest,
     ChecksumMismatch,
     Conflict,
+    InsufficientStorage,
     InvalidKey,
     PayloadTooLarge,
     PreconditionFailed,
@@ -45,7 +46,8 @@ from .errors import (
 )
 from .keys import Scope
 from .observability import note_key
-from .state import BACKEND, CONFIG
+from .state import BACKEND, CONFIG, REGISTRY, USAGE
+from .usage import walk_files
 
 log = logging.getLogger("gateway")
 
@@ -146,9 +148,9 @@ def _digest_header(headers: Mapping[str, str], name: str, size: int) -> bytes | 
 class _Body:
     """The request body as chunks, counted, size-bounded and hashed as it streams."""
 
-    def __init__(self, request: web.Request, max_size: int, read_timeout: float) -> None:
+    def __init__(self, request: web.Request, limits: _Limits, read_timeout: float) -> None:
         self.request = request
-        self.max_size = max_size
+        self.limits = limits
         self.read_timeout = read_timeout
         self.md5 = _digest_header(request.headers, "Content-MD5", 16)
         self.sha256 = _digest_header(request.headers, "X-Checksum-Sha256", 32)
@@ -171,8 +173,7 @@ class _Body:
             if not chunk:
                 break
             size += len(chunk)
-            if size > self.max_size:
-                raise PayloadTooLarge(f"an object is limited to {self.max_size} bytes")
+            self.limits.check(size)  # raised mid-stream: the backend stores nothing
             if md5 is not None:
                 md5.update(chunk)
             if sha is not None:
@@ -185,12 +186,56 @@ class _Body:
             raise ChecksumMismatch("X-Checksum-Sha256 does not match the body; nothing was stored")
 
 
+class _Limits:
+    """What an upload may hold: the gateway's object size limit and the tenant's quotas."""
+
+    def __init__(self, max_size: int, size_rule: str, budget: int | None, budget_rule: str):
+        self.max_size = max_size
+        self.size_rule = size_rule
+        self.budget = budget  # bytes left under the tenant's maxBytes, counting a replaced object
+        self.budget_rule = budget_rule
+
+    def check(self, size: int) -> None:
+        """Given the size of a body (known or counted so far), raise if it is too large."""
+        if size > self.max_size:
+            raise PayloadTooLarge(self.size_rule)
+        if self.budget is not None and size > self.budget:
+            raise InsufficientStorage(self.budget_rule)
+
+
+async def _limits(request: web.Request, scope: Scope, replaced: int | None) -> _Limits:
+    """Given an upload and the object it replaces, return its limits (413 and 507 rules)."""
+    max_size: int = request.app[CONFIG]["limits.max-object-size"]
+    size_rule = f"an object is limited to {max_size} bytes (limits.max-object-size)"
+    tenant = (
+        None if scope.tenant is None else request.app[REGISTRY].snapshot.tenants.get(scope.tenant)
+    )
+    if (
+        tenant is not None
+        and tenant.max_object_size is not None
+        and tenant.max_object_size < max_size
+    ):
+        max_size = tenant.max_object_size
+        size_rule = f"this tenant's objects are limited to {max_size} bytes (quota maxObjectSize)"
+    if tenant is None or tenant.max_bytes is None:
+        return _Limits(max_size, size_rule, None, "")
+    used = (await request.app[USAGE].current(scope.tenant)).bytes
+    budget = tenant.max_bytes - used + (replaced or 0)
+    budget_rule = (
+        f"this tenant's quota is {tenant.max_bytes} bytes (quota maxBytes) and {used} are "
+        "used: the upload would cross it; nothing was stored"
+    )
+    return _Limits(max_size, size_rule, budget, budget_rule)
+
+
 async def put_file(request: web.Request, scope: Scope, raw_key: str | None) -> web.Response:
     physical = _key(scope, raw_key)
     headers = request.headers
-    max_size: int = request.app[CONFIG]["limits.max-object-size"]
-    if request.content_length is not None and request.content_length > max_size:
-        raise PayloadTooLarge(f"an object is limited to {max_size} bytes")
+    backend = _backend(request)
+    replaced = await backend.file_size(physical)  # for the usage counters and quotas
+    limits = await _limits(request, scope, replaced)
+    if request.content_length is not None:
+        limits.check(request.content_length)  # before a byte of the body is read
     if "If-Match" in headers:
         raise BadRequest("If-Match is not supported on uploads; use If-None-Match: *")
     if_none_match = headers.get("If-None-Match")
@@ -200,8 +245,7 @@ async def put_file(request: web.Request, scope: Scope, raw_key: str | None) -> w
     if content_type is not None and not _CONTENT_TYPE.fullmatch(content_type):
         raise BadRequest("Content-Type is not a valid media type")
     read_timeout = request.app[CONFIG]["server.read-timeout"]
-    body = _Body(request, max_size, read_timeout)
-    backend = _backend(request)
+    body = _Body(request, limits, read_timeout)
     options: dict[str, Any] = {
         "content_type": content_type,
         "metadata": _metadata(headers),
@@ -222,6 +266,7 @@ async def put_file(request: web.Request, scope: Scope, raw_key: str | None) -> w
         raise PreconditionFailed("If-None-Match: * and an object exists at this key") from None
     except EOFError:
         raise zerocopy.body_ended_early() from None
+    request.app[USAGE].add(scope.tenant, info.size - (replaced or 0), 1 if replaced is None else 0)
     key = keys.unresolve(scope, physical)
     etag = quote_etag(info.etag)
     return web.json_response(
@@ -446,15 +491,23 @@ async def make_directory(request: web.Request, scope: Scope, raw_key: str | None
 async def delete(request: web.Request, scope: Scope, raw_key: str | None) -> web.Response:
     physical = _key(scope, raw_key)
     backend = _backend(request)
+    usage = request.app[USAGE]
     if _flag(request, "recursive"):
         info = await backend.info(physical)
         if info.is_dir:
+            size = 0
+            async for page in walk_files(backend, scope, physical):  # for the usage counters
+                size += sum(entry.size for entry in page)
             count = await backend.delete_prefix(physical)
+            usage.add(scope.tenant, -size, -count)
             return web.json_response({"deleted": count})
+    gone = await backend.file_size(physical)
     try:
         await backend.delete(physical)
     except IsADirectoryError:
         raise Conflict("a directory is at this key; delete it with ?recursive=true") from None
+    if gone is not None:
+        usage.add(scope.tenant, -gone, -1)
     return web.Response(status=204)
 
 

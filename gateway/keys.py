@@ -50,7 +50,7 @@ RESERVED_TENANT_IDS: Final = frozenset(
         "api", "admin", "auths", "default", "files", "health", "login", "logout", "me",
         "metrics", "none", "null", "openapi", "roles", "service-accounts", "system",
         "tenants", "ui", "usage", "users", "audit", "docs", "static", "stats", "list",
-        "directories", "move", "bindings", "tokens", "session",
+        "directories", "move", "bindings", "tokens", "session", "purge",
     }
 )  # fmt: skip
 

@@ -61,6 +61,7 @@ OBJECT_MUTATIONS: Final = {
     ("files", "DELETE"): "file.delete",
     ("directories", "POST"): "directory.create",
     ("move", "POST"): "file.move",
+    ("purge", "POST"): "files.purge",
 }
 
 

@@ -29,10 +29,10 @@ def _errors(*statuses: int) -> dict[str, Any]:
         408: "The client stopped sending its body (server.read-timeout); nothing was stored.",
         409: "A file or directory is in the way.",
         412: "A precondition failed.",
-        413: "The body is larger than limits.max-object-size.",
+        413: "The body is larger than limits.max-object-size or the tenant's maxObjectSize.",
         416: "The range starts past the end of the object.",
         503: "The storage is unavailable.",
-        507: "The storage is full.",
+        507: "The storage is full, or the upload would cross the tenant's maxBytes quota.",
     }
     return {str(s): _json(_ERROR_REF, reasons[s]) for s in statuses}
 
@@ -218,6 +218,84 @@ def _move_op() -> dict[str, Any]:
     }
 
 
+_QUOTA: Final = {
+    "type": "object",
+    "properties": {
+        "maxBytes": {"type": "integer", "minimum": 0, "nullable": True},
+        "maxObjectSize": {"type": "integer", "minimum": 0, "nullable": True},
+    },
+}
+
+
+def _usage_op() -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": "Bytes and objects of the scope, from its counters, with its quotas "
+            "(its ADMIN or a super admin).",
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "required": ["tenant", "bytes", "objects", "quota"],
+                        "properties": {
+                            "tenant": {"type": "string", "nullable": True},
+                            "bytes": {"type": "integer"},
+                            "objects": {"type": "integer"},
+                            "quota": _QUOTA,
+                        },
+                    },
+                    "Usage.",
+                ),
+                **_errors(400, 404, 503),
+            },
+        }
+    }
+
+
+def _purge_op() -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": "Delete the files last modified before a bound, as Kestra's "
+            "PurgeStorage (its ADMIN or a super admin).",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["olderThan"],
+                            "properties": {
+                                "olderThan": {
+                                    "description": "30d, 12h, 15m, 3600s, or seconds.",
+                                    "oneOf": [{"type": "string"}, {"type": "integer"}],
+                                },
+                                "prefix": {"type": "string", "description": "A directory key."},
+                                "dryRun": {"type": "boolean"},
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "200": _json(
+                    {
+                        "type": "object",
+                        "required": ["deleted", "bytes", "kept", "dryRun"],
+                        "properties": {
+                            "deleted": {"type": "integer"},
+                            "bytes": {"type": "integer"},
+                            "kept": {"type": "integer"},
+                            "dryRun": {"type": "boolean"},
+                        },
+                    },
+                    "Purged (or, with dryRun, what would be).",
+                ),
+                **_errors(400, 404, 409, 503),
+            },
+        }
+    }
+
+
 def _scoped(base: str, tenant: bool, op: dict[str, Any], key: bool) -> tuple[str, dict[str, Any]]:
     op = copy.deepcopy(op)
     params = ([_TENANT_PARAM] if tenant else []) + ([_KEY_PARAM] if key else [])
@@ -292,14 +370,23 @@ def _admin_paths() -> dict[str, Any]:
         "/api/v1/tenants/{tenant}": {
             "parameters": tenant_id,
             "get": _op("One tenant.", 200, _ref("Tenant"), 401, 403, 404),
-            "put": _op("Rename (tenant ADMIN or super admin); deleted (super admin).", 200,
-                       _ref("Tenant"), *deny, body=_obj([], name=_STR, deleted=_BOOL)),
+            "put": _op("Rename (tenant ADMIN or super admin); deleted, quota (super admin).",
+                       200, _ref("Tenant"), *deny,
+                       body=_obj([], name=_STR, deleted=_BOOL, quota=_QUOTA)),
             "delete": _op("Soft delete (super admin).", 200, _ref("Tenant"), 401, 403, 404),
         },
         "/api/v1/tenants/{tenant}/restore": {
             "parameters": tenant_id,
             "post": _op("Restore a soft-deleted tenant (super admin).", 200, _ref("Tenant"),
                         401, 403, 404),
+        },
+        "/api/v1/tenants/{tenant}/purge": {
+            "parameters": tenant_id,
+            "post": _op("Delete the tenant with every object it holds, its roles and usage "
+                        "counters, for good (super admin; `confirm` must be the tenant id).",
+                        200, _obj(["tenant", "deleted", "bytes"], tenant=_STR,
+                                  deleted={"type": "integer"}, bytes={"type": "integer"}),
+                        *deny, body=_obj(["confirm"], confirm=_STR)),
         },
         "/api/v1/tenants/{tenant}/audit": {
             "parameters": tenant_id,
@@ -406,6 +493,8 @@ def openapi_document() -> dict[str, Any]:
             ("/list", _list_op(), False),
             ("/directories", _mkdir_op(), True),
             ("/move", _move_op(), False),
+            ("/usage", _usage_op(), False),
+            ("/purge", _purge_op(), False),
         ):
             path, item = _scoped(base, tenant, op, key)
             for operation in item.values():
@@ -498,6 +587,7 @@ def openapi_document() -> dict[str, Any]:
                     deleted=_BOOL,
                     created=_STR,
                     updated=_STR,
+                    quota=_QUOTA,
                 ),
                 "User": _obj(
                     ["username"],

@@ -108,6 +108,8 @@ MAX_TENANT_NAME: Final = 200
 MAX_DESCRIPTION: Final = 1000
 MAX_EXPIRES_IN: Final = 100 * 365 * 86400.0
 MAX_DOCUMENT_BYTES: Final = 64 * 1024
+MAX_QUOTA: Final = 2**63 - 1
+UNCHANGED: Final = object()  # "leave this field as it is" (None means "no limit")
 DEFAULT_ADMIN: Final = "admin"
 
 # scrypt (RFC 7914): n=2**14, r=8, p=1 is 16 MiB and about 50 ms per hash.
@@ -142,6 +144,10 @@ class Tenant:
     deleted: bool
     created: str
     updated: str
+    max_bytes: int | None = None
+    """Quota: the most bytes the tenant's objects may hold in all (``None``: no limit)."""
+    max_object_size: int | None = None
+    """Quota: the largest object the tenant may upload (``None``: the gateway's limit)."""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -150,6 +156,7 @@ class Tenant:
             "deleted": self.deleted,
             "created": self.created,
             "updated": self.updated,
+            "quota": {"maxBytes": self.max_bytes, "maxObjectSize": self.max_object_size},
         }
 
 
@@ -466,12 +473,17 @@ def _parse(kind: str, ident: str, doc: Any) -> Entity:
         raise ValueError("not an object")
     entity: Entity
     if kind == "tenant":
+        quota = doc.get("quota") or {}  # absent in documents written before quotas
+        if not isinstance(quota, dict):
+            raise ValueError("quota")
         entity = Tenant(
             _str(doc, "id"),
             _str(doc, "name"),
             _bool(doc, "deleted"),
             _str(doc, "created"),
             _str(doc, "updated"),
+            _limit(quota.get("maxBytes"), "quota.maxBytes"),
+            _limit(quota.get("maxObjectSize"), "quota.maxObjectSize"),
         )
         same = entity.id == ident
     elif kind == "user":
@@ -558,6 +570,15 @@ def _check_tenant_name(name: object) -> str:
     ):
         raise BadRequest(f"name: must be 1 to {MAX_TENANT_NAME} printable characters, not blank")
     return name
+
+
+def _limit(value: object, field: str) -> int | None:
+    """Given a quota value from a document or a request, return it (``None``: no limit)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_QUOTA:
+        raise BadRequest(f"{field}: must be a number of bytes from 0 to {MAX_QUOTA}, or null")
+    return value
 
 
 def _check_description(description: object) -> str:
@@ -731,6 +752,11 @@ class Registry:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    @property
+    def backend(self) -> Backend:
+        """The store the registry lives in (and the data it governs)."""
+        return self._backend
 
     @property
     def snapshot(self) -> Snapshot:
@@ -1005,15 +1031,26 @@ class Registry:
         return tenant
 
     async def update_tenant(
-        self, tenant_id: str, *, name: str | None = None, deleted: bool | None = None
+        self,
+        tenant_id: str,
+        *,
+        name: str | None = None,
+        deleted: bool | None = None,
+        max_bytes: object = UNCHANGED,
+        max_object_size: object = UNCHANGED,
     ) -> Tenant:
-        """Rename, soft-delete (``deleted=True``) or restore a tenant."""
+        """Rename, soft-delete (``deleted=True``) or restore a tenant, or set its quotas
+        (``None``: no limit; left out: unchanged)."""
         if TENANT_ID_RE.fullmatch(tenant_id) is None:
             raise NotFound("no such tenant")
         if name is not None:
             _check_tenant_name(name)
         if deleted is not None:
             _check_flag("deleted", deleted)
+        new_max_bytes = None if max_bytes is UNCHANGED else _limit(max_bytes, "maxBytes")
+        new_max_object_size = (
+            None if max_object_size is UNCHANGED else _limit(max_object_size, "maxObjectSize")
+        )
         async with self._lock:
             current = await self._read_entity("tenant", tenant_id)
             if not isinstance(current, Tenant):
@@ -1023,10 +1060,33 @@ class Registry:
                 name=current.name if name is None else name,
                 deleted=current.deleted if deleted is None else deleted,
                 updated=_iso(_now()),
+                max_bytes=current.max_bytes if max_bytes is UNCHANGED else new_max_bytes,
+                max_object_size=(
+                    current.max_object_size if max_object_size is UNCHANGED else new_max_object_size
+                ),
             )
             await self._write_entity(tenant, exclusive=False)
             await self._commit("tenant", tenant_id, tenant)
         return tenant
+
+    async def delete_tenant(self, tenant_id: str) -> None:
+        """Delete a tenant for good, with its role bindings (the bindings first, so a crash
+        leaves a tenant without members, never members of no tenant). Its data must be gone:
+        ``gateway.lifecycle.purge_tenant`` does both."""
+        if TENANT_ID_RE.fullmatch(tenant_id) is None:
+            raise NotFound("no such tenant")
+        async with self._lock:
+            if not isinstance(await self._read_entity("tenant", tenant_id), Tenant):
+                raise NotFound("no such tenant")
+            bindings = f"{REGISTRY_PREFIX}/{ENTITY_FOLDERS['binding']}"
+            for key in await self._list_files(bindings):
+                ident = _id_from_key("binding", key)
+                if ident is None or _binding_key(ident)[0] != tenant_id:
+                    continue
+                if await self._delete_entity("binding", ident):
+                    await self._commit("binding", ident, None)
+            await self._delete_entity("tenant", tenant_id)
+            await self._commit("tenant", tenant_id, None)
 
     # -- users -------------------------------------------------------------------------------
 

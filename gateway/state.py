@@ -12,6 +12,7 @@ from backends.base import Backend
 from .config import Config
 from .registry import Registry
 from .tenancy import Tenancy
+from .usage import Usage
 
 
 class InFlight:
@@ -46,3 +47,4 @@ TENANCY: Final = web.AppKey("tenancy", Tenancy)
 REGISTRY: Final = web.AppKey("registry", Registry)
 STARTED: Final = web.AppKey("started", asyncio.Event)
 IN_FLIGHT: Final = web.AppKey("in_flight", InFlight)
+USAGE: Final = web.AppKey("usage", Usage)

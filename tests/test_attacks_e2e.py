@@ -640,6 +640,8 @@ class Storage:
 # exact names, so a key that escaped into the system prefix is still reported.
 AUDIT_RECORD: Final = re.compile(
     r"\.gateway/audit(/(~|[a-z0-9][a-z0-9_-]{0,62})(/[0-9]{20}-[0-9a-f]{12}\.json)?)?"
+    # and its usage counters (gateway.usage): one document per tenant and process
+    r"|\.gateway/usage(/(~|[a-z0-9][a-z0-9_-]{0,62})(/(base|p-[0-9a-f]+-[0-9a-f]{12})\.json)?)?"
 )
 
 

@@ -121,6 +121,7 @@ async def test_second_create_tenant_conflicts_and_keeps_the_original(
         "deleted": False,
         "created": first.created,
         "updated": first.created,
+        "quota": {"maxBytes": None, "maxObjectSize": None},
     }
     assert first.created.endswith("Z")
 

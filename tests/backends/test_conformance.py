@@ -630,3 +630,72 @@ async def test_move_of_a_directory_into_itself_is_refused(backend: Backend) -> N
         await backend.move("mv/dir", "mv/dir/inside")
     assert raised.value.errno == errno.EINVAL
     assert await get(backend, "mv/dir/x") == b"x"
+
+
+# -- copy and conditional delete (data lifecycle: migration, purge) ----------------------------
+
+
+async def test_copy_makes_an_identical_file_and_keeps_the_source(backend: Backend) -> None:
+    source = await put(backend, "c/src.csv", b"a,b\n1,2\n", content_type="text/csv",
+                       metadata={"execution": "e1"})  # fmt: skip
+    copied = await backend.copy("c/src.csv", "d/dst.csv")
+    assert (copied.name, copied.size) == ("d/dst.csv", source.size)
+    assert await get(backend, "d/dst.csv") == b"a,b\n1,2\n"
+    info = await backend.info("d/dst.csv")
+    assert (info.content_type, dict(info.metadata)) == ("text/csv", {"execution": "e1"})
+    assert await get(backend, "c/src.csv") == b"a,b\n1,2\n"
+
+
+async def test_copy_of_a_missing_source_raises_file_not_found(backend: Backend) -> None:
+    with pytest.raises(FileNotFoundError):
+        await backend.copy("c/none", "c/other")
+    assert not await backend.exists("c/other")
+
+
+async def test_delete_if_unchanged_deletes_the_version_it_was_given(backend: Backend) -> None:
+    info = await put(backend, "p/old.bin", b"old")
+    listed = (await backend.list("p")).entries[0]
+    assert await backend.delete_if_unchanged("p/old.bin", listed) is True
+    assert not await backend.exists("p/old.bin")
+    assert info.size == 3
+    assert await backend.delete_if_unchanged("p/old.bin", listed) is False
+
+
+async def test_delete_if_unchanged_keeps_a_file_rewritten_since_it_was_listed(
+    backend: Backend,
+) -> None:
+    await put(backend, "p/kept.bin", b"first")
+    listed = (await backend.list("p")).entries[0]
+    await put(backend, "p/kept.bin", b"second")
+    assert await backend.delete_if_unchanged("p/kept.bin", listed) is False
+    assert await get(backend, "p/kept.bin") == b"second"
+
+
+async def test_copy_of_an_expected_version_refuses_a_source_changed_since(
+    backend: Backend,
+) -> None:
+    await put(backend, "c/v.bin", b"one")
+    listed = (await backend.list("c")).entries[0]
+    copied = await backend.copy("c/v.bin", "c/w.bin", expected=listed)
+    assert (copied.size, await get(backend, "c/w.bin")) == (3, b"one")
+    await put(backend, "c/v.bin", b"two!")
+    with pytest.raises(ConnectionError) as caught:
+        await backend.copy("c/v.bin", "c/x.bin", expected=listed)
+    assert caught.value.errno == errno.EAGAIN
+    assert not await backend.exists("c/x.bin")
+
+
+async def test_delete_unchanged_deletes_a_batch_and_says_which(backend: Backend) -> None:
+    for i in range(5):
+        await put(backend, f"b/{i}", b"%d" % i)
+    listed = (await backend.list("b")).entries
+    deleted = await backend.delete_unchanged(listed)
+    assert list(deleted) == [True] * 5
+    assert await names(backend, "", recursive=True) == []
+
+
+async def test_file_size_is_the_size_of_a_file_and_none_elsewhere(backend: Backend) -> None:
+    await put(backend, "s/d/f.bin", b"12345")
+    assert await backend.file_size("s/d/f.bin") == 5
+    assert await backend.file_size("s/d") is None
+    assert await backend.file_size("s/none") is None
