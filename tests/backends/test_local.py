@@ -113,6 +113,72 @@ async def test_a_small_file_is_read_whole_when_opened(store: LocalBackend) -> No
     await reader.close()
 
 
+def _thread_reads(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Record each ``open_read`` that went to a worker thread."""
+    calls: list[bool] = []
+    to_thread = asyncio.to_thread
+
+    async def spy(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        if getattr(func, "__name__", "") == "_open_read":
+            calls.append(True)
+        return await to_thread(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", spy)
+    return calls
+
+
+async def test_a_cached_small_file_is_read_on_the_event_loop(
+    store: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await put(store, "tenants/acme/hot.txt", b"hot" * 100)
+    await get(store, "tenants/acme/hot.txt")  # in the page cache now
+    threads = _thread_reads(monkeypatch)
+    assert await get(store, "tenants/acme/hot.txt") == b"hot" * 100
+    assert (await store.info("tenants/acme/hot.txt")).size == 300
+    assert threads == []
+
+
+async def test_a_small_file_not_in_the_page_cache_is_read_in_a_thread(
+    store: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = os.urandom(48 * 1024)
+    await put(store, "tenants/acme/cold.bin", data)
+    fd = os.open(base(store) / "tenants/acme/cold.bin", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: dropped
+    finally:
+        os.close(fd)
+    threads = _thread_reads(monkeypatch)
+    assert await get(store, "tenants/acme/cold.bin") == data
+    assert threads == [True]
+
+
+async def test_reads_go_to_threads_on_a_file_system_that_is_not_a_local_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(local_module, "_file_system_type", lambda fd: "nfs4")
+    backend = LocalBackend(tmp_path / "nfs")
+    await backend.start()
+    try:
+        await put(backend, "k", b"remote")
+        threads = _thread_reads(monkeypatch)
+        assert await get(backend, "k") == b"remote"
+        assert threads == [True]
+    finally:
+        await backend.close()
+
+
+def test_the_file_system_type_comes_from_the_mount_table(tmp_path: Path) -> None:
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        found = local_module._file_system_type(fd)
+    finally:
+        os.close(fd)
+    with open("/proc/self/mountinfo") as mounts:
+        types = {line.split(" - ")[1].split()[0] for line in mounts if " - " in line}
+    assert found in types
+
+
 async def test_reader_keeps_its_file_when_the_path_becomes_a_link(store: LocalBackend) -> None:
     await put(store, "r/file", b"original")
     await put(store, "other/file", b"other")
