@@ -47,9 +47,20 @@ def base(gateway: GatewayProcess) -> Path:
     return Path(gateway.config["storage"]["local"]["base-path"])
 
 
-def temp_files(gateway: GatewayProcess) -> list[str]:
+def temp_files(gateway: GatewayProcess, settle: float = 3.0) -> list[str]:
+    """The temporary files under the gateway's folder, once its own background writes are done.
+
+    The gateway writes documents of its own at any moment (usage counters once a second, audit
+    batches), each through a temporary file that exists for a moment: poll until there is none
+    or ``settle`` seconds passed. A temporary file an upload left behind stays.
+    """
     root = base(gateway) / TMP_DIR
-    return [p.name for p in root.rglob("*.tmp")]
+    deadline = time.monotonic() + settle
+    while True:
+        found = [p.name for p in root.rglob("*.tmp")]
+        if not found or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.05)
 
 
 def connect(gateway: GatewayProcess) -> socket.socket:
