@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import formatdate, parsedate_to_datetime
@@ -19,7 +20,14 @@ def quote_etag(etag: str | None) -> str | None:
 
 
 def http_date(timestamp: float | None) -> str | None:
-    return None if timestamp is None else formatdate(timestamp, usegmt=True)
+    return None if timestamp is None else _http_date(timestamp)
+
+
+@functools.lru_cache(maxsize=4096)
+def _http_date(timestamp: float) -> str:
+    # Formatting a date cost more than the rest of the headers of a small download, and the
+    # same objects (the same modification times) are read again and again.
+    return formatdate(timestamp, usegmt=True)
 
 
 def _parse_date(value: str) -> float | None:

@@ -421,3 +421,17 @@ def test_served_gateway_writes_one_access_line_per_request_on_stderr() -> None:
         ("GET", "/api/v1/files/ns/absent", 404),
     ]
     assert [line["bytes_in"] for line in lines[:3]] == [0, 1, 2]
+
+
+def test_access_line_time_is_iso_utc_with_milliseconds_and_current() -> None:
+    import time
+    from datetime import datetime
+
+    from gateway.observability import _iso_now
+
+    before = time.time()
+    text = _iso_now()
+    after = time.time()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", text), text
+    stamp = datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    assert before - 0.001 <= stamp <= after
