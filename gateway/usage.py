@@ -167,14 +167,15 @@ class Usage:
         """Write this process's document of each tenant whose counters changed."""
         async with self._lock:
             for tenant in list(self._pending):
-                size, objects = self._pending.pop(tenant)
-                try:
-                    await self._flush_one(tenant, size, objects)
-                except BaseException:
-                    again = self._pending.setdefault(tenant, [0, 0])
-                    again[0] += size
-                    again[1] += objects
-                    raise
+                size, objects = self._pending[tenant]
+                await self._flush_one(tenant, size, objects)
+                # Written and no longer pending in one step (no await in between): a read
+                # in the meantime sees the change in one place or the other, never in none.
+                pending = self._pending[tenant]
+                pending[0] -= size
+                pending[1] -= objects
+                if pending == [0, 0]:
+                    del self._pending[tenant]
 
     async def _flush_one(self, tenant: str | None, size: int, objects: int) -> None:
         base = await _read_json(self._backend, f"{folder(tenant)}/{BASE}")
@@ -200,26 +201,26 @@ class Usage:
         epoch = str(base.get("epoch", ""))
         size, objects = _int(base, "bytes"), _int(base, "objects")
         mine = f"{where}/p-{self.process_id}.json"
-        written = self._written.get(tenant)
         cursor: str | None = None
         while True:
             page = await self._backend.list(where, limit=LIST_PAGE, start_after=cursor)
             for entry in page.entries:
                 name = entry.name.rsplit("/", 1)[-1]
-                if entry.is_dir or not name.startswith("p-"):
+                if entry.is_dir or not name.startswith("p-") or entry.name == mine:
                     continue
-                if entry.name == mine and written is not None:
-                    doc: dict[str, Any] | None = {
-                        "epoch": written[0], "bytes": written[1], "objects": written[2]
-                    }  # fmt: skip
-                else:
-                    doc = await _read_json(self._backend, entry.name)
+                doc = await _read_json(self._backend, entry.name)
                 if doc is not None and doc.get("epoch") == epoch:
                     size += _int(doc, "bytes")
                     objects += _int(doc, "objects")
             cursor = page.next_cursor
             if cursor is None:
                 break
+        # This process's own count: what it wrote and what it has not yet, taken together
+        # (a flush may have run during the listing above).
+        written = self._written.get(tenant)
+        if written is not None and written[0] == epoch:
+            size += written[1]
+            objects += written[2]
         pending = self._pending.get(tenant, (0, 0))
         totals = Totals(size + pending[0], objects + pending[1])
         self._cache[tenant] = (time.monotonic(), totals)

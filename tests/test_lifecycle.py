@@ -458,3 +458,41 @@ def test_usage_stays_exact_with_two_worker_processes(tmp_path: Path) -> None:
     assert {k: found[k] for k in expected} == expected, log[-3000:]
     writers = [p.name for p in (base / ".gateway/usage/t1").iterdir() if p.name.startswith("p-")]
     assert len(writers) == 2, (writers, log[-3000:])  # both counted, each in its own document
+
+
+async def test_a_read_during_a_flush_counts_the_change_being_written() -> None:
+    """A flush writes this process's document while a read lists the counters: the change
+    must be counted once, whether the read sees it as written or as pending."""
+    from backends.memory import MemoryBackend
+
+    class SlowCounterWrites(MemoryBackend):
+        def __init__(self) -> None:
+            super().__init__()
+            self.writing = asyncio.Event()
+            self.release = asyncio.Event()
+
+        async def write(self, key: str, chunks: Any, **options: Any) -> Any:
+            if "/p-" in key:
+                self.writing.set()
+                await self.release.wait()
+            return await super().write(key, chunks, **options)
+
+    backend = SlowCounterWrites()
+    await backend.start()
+    counters = usage.Usage(backend)
+    assert await counters.read("acme") == usage.Totals(0, 0)  # counted: an empty tenant
+    counters.add("acme", 3, 1)
+    flushing = asyncio.create_task(counters.flush())
+    await backend.writing.wait()  # the flush is writing its document now
+    assert await counters.read("acme") == usage.Totals(3, 1)
+    backend.release.set()
+    await flushing
+    assert await counters.read("acme") == usage.Totals(3, 1)
+    counters.add("acme", -3, -1)
+    backend.release.clear()
+    backend.writing.clear()
+    flushing = asyncio.create_task(counters.flush())
+    await backend.writing.wait()
+    backend.release.set()
+    await flushing
+    assert await counters.read("acme") == usage.Totals(0, 0)
