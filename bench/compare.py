@@ -143,45 +143,12 @@ _OPENER: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 GATEWAY_SERVE: Final = (sys.executable, "-m", "gateway", "serve")
 
 # The durable limit of the "small" section: what 32 threads get from this disk when each
-# 4 KiB object is made as durable as the gateway makes it (temporary file, write, fsync,
-# rename, fsync of the directory), in plain Python with no HTTP at all.
-DURABLE_WRITER: Final = """
-import os, sys, threading, time
-
-folder, seconds, threads = sys.argv[1], float(sys.argv[2]), int(sys.argv[3])
-payload = b"d" * 4096
-counts = [0] * threads
-stop = time.monotonic() + seconds
-
-
-def work(number):
-    done = 0
-    while time.monotonic() < stop:
-        temp = os.path.join(folder, f"t{number}-{done}.tmp")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.write(fd, payload)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(temp, os.path.join(folder, f"o{number}-{done % 1000}"))
-        directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
-        done += 1
-    counts[number] = done
-
-
-started = time.monotonic()
-workers = [threading.Thread(target=work, args=(n,)) for n in range(threads)]
-for worker in workers:
-    worker.start()
-for worker in workers:
-    worker.join()
-print(sum(counts) / (time.monotonic() - started))
-"""
+# 4 KiB object is made durable (temporary file, write, fsync, rename, fsync of the directory),
+# in plain Python with no HTTP at all: bench.fs_writes's "plain" writer, in its own process.
+DURABLE_WRITER: Final = (
+    "import sys; from pathlib import Path; from bench.fs_writes import Writers, rate; "
+    "print(rate(Writers(Path(sys.argv[1])).plain, int(sys.argv[3]), float(sys.argv[2])))"
+)
 
 # The bare aiohttp server of the "large" section: plain web.run_app, default asyncio loop.
 FILE_SERVER: Final = """

@@ -36,13 +36,13 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Final
 
 from backends.base import SYSTEM_PREFIX, Backend
 
+from .documents import one
 from .errors import BadRequest
 
 log = logging.getLogger("gateway.audit")
@@ -95,10 +95,6 @@ def make_record(
         "key": key,
         "status": status,
     }
-
-
-async def _one(data: bytes) -> AsyncIterator[bytes]:
-    yield data
 
 
 class AuditLog:
@@ -161,7 +157,7 @@ class AuditLog:
                 key = f"{folder(tenant)}/{stamp:020d}-{secrets.token_hex(6)}.json"
                 try:
                     await self._backend.write(
-                        key, _one(data), content_type="application/x-ndjson", exclusive=True
+                        key, one(data), content_type="application/x-ndjson", exclusive=True
                     )
                 except FileExistsError:
                     continue

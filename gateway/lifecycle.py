@@ -30,7 +30,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Final, Literal
@@ -39,6 +39,7 @@ from backends.base import SYSTEM_PREFIX, Backend, Info, same_version
 
 from . import keys
 from .audit import AuditLog, Pending, make_record, now_ns
+from .documents import read_whole, write_json
 from .errors import BadRequest, Conflict, InvalidKey, NotFound
 from .keys import NULL_SCOPE, Scope
 from .registry import Registry
@@ -70,10 +71,6 @@ def parse_duration(text: str) -> int:
 
 def _iso(moment: float) -> str:
     return datetime.fromtimestamp(moment, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-async def _one(data: bytes) -> AsyncIterator[bytes]:
-    yield data
 
 
 async def _sha256(backend: Backend, key: str) -> bytes:
@@ -255,18 +252,15 @@ class MigrationReport:
 
 
 async def read_journal(backend: Backend) -> dict[str, Any] | None:
-    try:
-        async with await backend.open_read(JOURNAL_KEY) as reader:
-            data = b"".join([chunk async for chunk in reader.chunks()])
-    except FileNotFoundError:
+    data = await read_whole(backend, JOURNAL_KEY)
+    if data is None:
         return None
     doc = json.loads(data)
     return doc if isinstance(doc, dict) else None
 
 
 async def _write_journal(backend: Backend, doc: dict[str, Any]) -> None:
-    data = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
-    await backend.write(JOURNAL_KEY, _one(data), content_type="application/json")
+    await write_json(backend, JOURNAL_KEY, doc, sort_keys=True)
 
 
 async def _listed_range(

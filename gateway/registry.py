@@ -53,7 +53,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import MappingProxyType
@@ -61,6 +61,7 @@ from typing import Any, Final, Literal, TypeAlias, cast
 
 from backends.base import SYSTEM_PREFIX, Backend
 
+from .documents import one, read_whole, write_json
 from .errors import BadRequest, Conflict, NotFound
 from .keys import TENANT_ID_RE, check_tenant_id
 
@@ -530,10 +531,6 @@ def _parse(kind: str, ident: str, doc: Any) -> Entity:
     return entity
 
 
-async def _one(data: bytes) -> AsyncIterator[bytes]:
-    yield data
-
-
 # -- validation --------------------------------------------------------------------------------
 
 
@@ -812,16 +809,9 @@ class Registry:
     async def _read_doc(self, key: str) -> Any:
         """Given a key, return its JSON document, ``None`` if missing, ``_Bad`` if unreadable."""
         try:
-            reader = await self._backend.open_read(key)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            return None
-        async with reader:
-            if reader.info.size > MAX_DOCUMENT_BYTES:
-                return _Bad.DOCUMENT
-            data = b"".join([chunk async for chunk in reader.chunks()])
-        try:
-            return json.loads(data)
-        except ValueError:
+            data = await read_whole(self._backend, key, MAX_DOCUMENT_BYTES)
+            return None if data is None else json.loads(data)
+        except ValueError:  # DocumentTooLarge too
             return _Bad.DOCUMENT
 
     async def _read_entity(self, kind: str, ident: str) -> Entity | _Bad | None:
@@ -984,7 +974,7 @@ class Registry:
         data = json.dumps(_document(entity), separators=(",", ":"), ensure_ascii=False).encode()
         await self._backend.write(
             _entity_key(kind, ident),
-            _one(data),
+            one(data),
             content_type="application/json",
             exclusive=exclusive,
         )
@@ -1001,14 +991,12 @@ class Registry:
         """Given a change already in the store, show it in this process's snapshot at once,
         then record it for the other processes."""
         self._snapshot = self._snapshot.apply([(kind, ident, value)])
-        record = json.dumps({"kind": kind, "id": ident}, separators=(",", ":")).encode()
+        record = {"kind": kind, "id": ident}
         for _ in range(3):
             stamp = time.time_ns()
             key = f"{CHANGES_PREFIX}/{stamp:020d}-{secrets.token_hex(6)}.json"
             try:
-                await self._backend.write(
-                    key, _one(record), content_type="application/json", exclusive=True
-                )
+                await write_json(self._backend, key, record, exclusive=True)
             except FileExistsError:
                 continue
             self._seen[key] = stamp
@@ -1389,11 +1377,9 @@ class Registry:
         users_folder = f"{REGISTRY_PREFIX}/{ENTITY_FOLDERS['user']}"
         if self._snapshot.users or await self._list_files(users_folder):
             return None
-        marker = json.dumps({"username": name, "created": _iso(_now())}).encode()
+        marker = {"username": name, "created": _iso(_now())}
         try:
-            await self._backend.write(
-                BOOTSTRAP_KEY, _one(marker), content_type="application/json", exclusive=True
-            )
+            await write_json(self._backend, BOOTSTRAP_KEY, marker, exclusive=True)
         except FileExistsError:
             # Another process bootstraps (or one crashed midway): go on only if it named the
             # same admin, so the user document's create-only write decides between us.

@@ -27,13 +27,14 @@ import json
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final
 
 from aiohttp import web
 
 from backends.base import SYSTEM_PREFIX, Backend
+
+from .documents import read_whole, write_json
 
 SESSIONS_PREFIX: Final = f"{SYSTEM_PREFIX}/sessions"
 COOKIE: Final = "gateway_session"
@@ -58,10 +59,6 @@ def _key(session_id: str) -> str:
     return f"{SESSIONS_PREFIX}/{digest}.json"
 
 
-async def _one(data: bytes) -> AsyncIterator[bytes]:
-    yield data
-
-
 class Sessions:
     """The sessions of one store; ``lifetime`` seconds from sign-in, cached ``cache_seconds``."""
 
@@ -80,10 +77,7 @@ class Sessions:
         session_id = secrets.token_urlsafe(32)
         session = Session(username, secrets.token_urlsafe(32), time.time() + self.lifetime)
         doc = {"user": username, "csrf": session.csrf, "expires": session.expires}
-        data = json.dumps(doc, separators=(",", ":")).encode()
-        await self._backend.write(
-            _key(session_id), _one(data), content_type="application/json", exclusive=True
-        )
+        await write_json(self._backend, _key(session_id), doc, exclusive=True)
         return session_id, session
 
     async def get(self, session_id: str) -> Session | None:
@@ -138,19 +132,13 @@ class Sessions:
 
     async def _read(self, key: str) -> Session | None:
         try:
-            reader = await self._backend.open_read(key)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            return None
-        async with reader:
-            if reader.info.size > MAX_DOCUMENT_BYTES:
+            data = await read_whole(self._backend, key, MAX_DOCUMENT_BYTES)
+            if data is None:
                 return None
-            data = b"".join([chunk async for chunk in reader.chunks()])
-        try:
             doc = json.loads(data)
-            session = Session(str(doc["user"]), str(doc["csrf"]), float(doc["expires"]))
-        except (ValueError, KeyError, TypeError):
+            return Session(str(doc["user"]), str(doc["csrf"]), float(doc["expires"]))
+        except (ValueError, KeyError, TypeError):  # DocumentTooLarge too
             return None
-        return session
 
 
 SESSIONS: Final = web.AppKey("sessions", Sessions)

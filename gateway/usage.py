@@ -33,6 +33,7 @@ from typing import Any, Final
 from backends.base import SYSTEM_PREFIX, Backend, Info
 
 from . import keys
+from .documents import read_whole, write_json
 from .keys import NULL_SCOPE, Scope
 
 log = logging.getLogger("gateway")
@@ -59,15 +60,9 @@ def folder(tenant: str | None) -> str:
     return f"{USAGE_PREFIX}/{NULL_SEGMENT if tenant is None else tenant}"
 
 
-async def _one(data: bytes) -> AsyncIterator[bytes]:
-    yield data
-
-
 async def _read_json(backend: Backend, key: str) -> dict[str, Any] | None:
-    try:
-        async with await backend.open_read(key) as reader:
-            data = b"".join([chunk async for chunk in reader.chunks()])
-    except (FileNotFoundError, NotADirectoryError):
+    data = await read_whole(backend, key)
+    if data is None:
         return None
     try:
         doc = json.loads(data)
@@ -80,11 +75,6 @@ async def _read_json(backend: Backend, key: str) -> dict[str, Any] | None:
 def _int(doc: dict[str, Any], name: str) -> int:
     value = doc.get(name, 0)
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
-
-
-async def _write_json(backend: Backend, key: str, doc: dict[str, Any]) -> None:
-    data = json.dumps(doc, separators=(",", ":")).encode()
-    await backend.write(key, _one(data), content_type="application/json")
 
 
 async def walk_files(backend: Backend, scope: Scope, prefix: str = "") -> AsyncIterator[list[Info]]:
@@ -185,7 +175,7 @@ class Usage:
             written_bytes = written_objects = 0
         total = (epoch, written_bytes + size, written_objects + objects)
         doc = {"bytes": total[1], "objects": total[2], "epoch": epoch, "updated": time.time()}
-        await _write_json(self._backend, f"{folder(tenant)}/p-{self.process_id}.json", doc)
+        await write_json(self._backend, f"{folder(tenant)}/p-{self.process_id}.json", doc)
         self._written[tenant] = total
         self._cache.pop(tenant, None)
 
@@ -246,7 +236,7 @@ class Usage:
         where = folder(tenant)
         async with self._lock:
             self._pending.pop(tenant, None)  # counted by the listing (or within its window)
-            await _write_json(
+            await write_json(
                 self._backend,
                 f"{where}/{BASE}",
                 {"bytes": size, "objects": objects, "epoch": epoch, "computed": time.time()},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 import os
 import stat
@@ -17,14 +16,10 @@ from aiohttp.test_utils import TestClient
 from gateway import config
 from gateway.app import create_app
 from gateway.state import REGISTRY
+from tests.support.auth import basic
 
 Client = TestClient[web.Request, web.Application]
 ROOT_PASSWORD = "root password for tests"
-
-
-def basic(user: str, password: str) -> dict[str, str]:
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return {"Authorization": f"Basic {token}"}
 
 
 ROOT = basic("root", ROOT_PASSWORD)

@@ -8,7 +8,6 @@ auth on, local disk); the CLI through click's runner on a local store.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,6 +31,7 @@ from gateway.registry import Registry
 from gateway.usage import Usage
 from tests.backends.helpers import get, names, put
 from tests.conftest import Seeder
+from tests.support.auth import basic
 
 # The backend fixture lives in the session's event loop (it shares one S3 client).
 on_backends = pytest.mark.asyncio(loop_scope="session")
@@ -213,11 +213,6 @@ async def test_usage_adds_up_the_counters_of_every_process_until_a_recompute(
 
 
 # -- over HTTP: quotas, usage, purge routes ----------------------------------------------------
-
-
-def basic(user: str, password: str) -> dict[str, str]:
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return {"Authorization": f"Basic {token}"}
 
 
 ROOT = basic("root", "root password")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import re
@@ -20,14 +19,10 @@ from gateway.audit import AuditLog
 from gateway.observability import AUDIT, BadRequestLogFilter
 from gateway.registry import Registry
 from gateway.state import REGISTRY
+from tests.support.auth import basic
 
 Client = TestClient[web.Request, web.Application]
 ROOT_PASSWORD = "root password for observability"
-
-
-def basic(user: str, password: str) -> dict[str, str]:
-    token = base64.b64encode(f"{user}:{password}".encode()).decode()
-    return {"Authorization": f"Basic {token}"}
 
 
 ROOT = basic("root", ROOT_PASSWORD)
