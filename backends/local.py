@@ -76,6 +76,8 @@ WHOLE_READ_MAX: Final = 64 * 1024
 LOCAL_FILE_SYSTEMS: Final = frozenset(
     {"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "zfs", "overlay", "bcachefs"}
 )
+"""File systems whose files live in memory: a read there never waits for a disk."""
+MEMORY_FILE_SYSTEMS: Final = frozenset({"tmpfs", "ramfs"})
 """Files up to this size are read whole when opened (one trip to a worker thread in all)."""
 PIPE_SIZE: Final = CHUNK_SIZE
 """Capacity asked for the pipe between a socket and a file (``F_SETPIPE_SZ``)."""
@@ -154,6 +156,27 @@ def _file_system_type(fd: int) -> str | None:
     except OSError:
         return None
     return None
+
+
+def _honours_nowait(tmp: int) -> bool:
+    """Given the gateway's temporary folder, return whether its file system serves reads
+    with ``RWF_NOWAIT`` (answered from the page cache, or refused if they would wait)."""
+    name = f"probe-{secrets.token_hex(8)}.tmp"
+    fd = os.open(name, (_TEMP_FLAGS & ~os.O_WRONLY) | os.O_RDWR, 0o600, dir_fd=tmp)
+    try:
+        os.write(fd, b"p")
+        try:
+            os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return True  # honoured: the byte was not in the cache (it just was written)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return False
+            raise
+        return True
+    finally:
+        os.close(fd)
+        os.unlink(name, dir_fd=tmp)
 
 
 class _WouldBlock(Exception):
@@ -634,6 +657,7 @@ class LocalBackend(Backend):
         self.base_path = os.fspath(base_path)
         self._tmp_segments = TMP_DIR.split("/")
         self._reads_on_loop = False  # set by start(): True on a local disk file system
+        self._nowait = True  # set by start(): False where files live in memory
         self._tmp_lock: int | None = None
 
     # Every method below named ``_x`` runs in a worker thread and closes what it opens.
@@ -711,11 +735,12 @@ class LocalBackend(Backend):
             ) from None
         tmp = self._open_dir(TMP_DIR.split("/"), TMP_DIR, create=True)
         try:
-            self._reads_on_loop = _file_system_type(tmp) in LOCAL_FILE_SYSTEMS
+            kind = _file_system_type(tmp)
             self._remove_leftovers(tmp)
             own = self._claim_tmp(tmp)
             try:
                 self._probe_xattr(own)
+                self._set_read_mode(own, kind)
             except BaseException:
                 os.close(own)
                 self._close()
@@ -803,6 +828,17 @@ class LocalBackend(Backend):
             os.close(fd)
             os.unlink(name, dir_fd=tmp)
 
+    def _set_read_mode(self, tmp: int, kind: str | None) -> None:
+        """Decide where small reads happen: on the event loop if the file system is a local
+        one and a read there cannot wait for a disk (the file system is in memory, or it
+        honours ``RWF_NOWAIT``: tmpfs does not, and would refuse every such read); else in
+        worker threads."""
+        if kind not in LOCAL_FILE_SYSTEMS:
+            self._reads_on_loop = False
+            return
+        self._nowait = kind not in MEMORY_FILE_SYSTEMS
+        self._reads_on_loop = not self._nowait or _honours_nowait(tmp)
+
     # -- reads -------------------------------------------------------------------------------
 
     async def info(self, key: str) -> Info:
@@ -828,11 +864,12 @@ class LocalBackend(Backend):
     async def open_read(self, key: str) -> Reader:
         # On a local disk, the file is opened on the event loop, as nginx does (the directory
         # walk, open, fstat and xattr hit the kernel's caches), and a small body is read there
-        # only if it is in the page cache (RWF_NOWAIT); otherwise the read goes to a thread. A
-        # trip to a thread and back cost more CPU than the rest of a small download.
+        # only if it is in the page cache (RWF_NOWAIT), or always where files live in memory
+        # (tmpfs); otherwise the read goes to a thread. A trip to a thread and back cost more
+        # CPU than the rest of a small download.
         if self._reads_on_loop:
             try:
-                return self._open_read(key, nowait=True)
+                return self._open_read(key, nowait=self._nowait)
             except _WouldBlock:
                 pass
         return await asyncio.to_thread(self._open_read, key)

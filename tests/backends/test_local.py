@@ -4,6 +4,7 @@ symbolic links (never followed), descriptors, a full disk."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import json
@@ -166,6 +167,56 @@ async def test_reads_go_to_threads_on_a_file_system_that_is_not_a_local_disk(
         assert threads == [True]
     finally:
         await backend.close()
+
+
+async def test_small_files_in_memory_are_read_on_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # tmpfs refuses RWF_NOWAIT (EOPNOTSUPP): a backend that asked for it on every read would
+    # open each small file twice, once on the loop and again in a thread.
+    with mounted_tmpfs(tmp_path / "memory", "4m") as folder:
+        backend = LocalBackend(folder)
+        await backend.start()
+        try:
+            await put(backend, "tenants/acme/k", b"in memory")
+            threads = _thread_reads(monkeypatch)
+            assert await get(backend, "tenants/acme/k") == b"in memory"
+            assert threads == []
+        finally:
+            await backend.close()
+
+
+@pytest.mark.parametrize("memory", [False, True], ids=["disk", "tmpfs"])
+def test_the_nowait_probe_tells_what_the_file_system_does(memory: bool, tmp_path: Path) -> None:
+    with contextlib.ExitStack() as stack:
+        folder = tmp_path / "disk"
+        if memory:
+            folder = stack.enter_context(mounted_tmpfs(tmp_path / "memory", "1m"))
+        folder.mkdir(exist_ok=True)
+        _check_nowait_probe(folder)
+
+
+def _check_nowait_probe(folder: Path) -> None:
+    path = folder / "written"
+    path.write_bytes(b"x")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
+        honoured = True
+    except BlockingIOError:
+        honoured = True
+    except OSError as exc:
+        assert exc.errno in (errno.EOPNOTSUPP, errno.EINVAL)
+        honoured = False
+    finally:
+        os.close(fd)
+        path.unlink()
+    directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert local_module._honours_nowait(directory) is honoured
+        assert os.listdir(folder) == []  # the probe's file is gone
+    finally:
+        os.close(directory)
 
 
 def test_the_file_system_type_comes_from_the_mount_table(tmp_path: Path) -> None:
