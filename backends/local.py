@@ -49,7 +49,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Final, cast
+from typing import Any, Final, cast
 
 from ._metadata import normalise_metadata
 from .base import (
@@ -67,21 +67,24 @@ from .base import (
 )
 
 CHUNK_SIZE: Final = 1024 * 1024
+"""Writes are buffered, and reads are cut, to this size: one thread hop per megabyte."""
 _IOV_MAX: Final = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 SPLICE_SLICE: Final = 16 * CHUNK_SIZE
 """Bytes one worker-thread call moves at most from a socket before it hands back."""
 WHOLE_READ_MAX: Final = 64 * 1024
-# File systems on a local block device (or memory): opening a file there does not wait on a
-# network. On these, reads are served on the event loop when they can be (see ``open_read``).
+"""Files up to this size are read whole when opened (one trip to a worker thread in all)."""
+SMALL_WRITE_MAX: Final = 64 * 1024
+"""Bodies up to this size are written on the event loop, save the fsyncs (``_write_small``)."""
+PIPE_SIZE: Final = CHUNK_SIZE
+"""Capacity asked for the pipe between a socket and a file (``F_SETPIPE_SZ``)."""
 LOCAL_FILE_SYSTEMS: Final = frozenset(
     {"ext2", "ext3", "ext4", "xfs", "btrfs", "tmpfs", "f2fs", "zfs", "overlay", "bcachefs"}
 )
-"""File systems whose files live in memory: a read there never waits for a disk."""
+"""File systems on a local block device (or in memory): opening a file there does not wait
+on a network. On these, small reads and writes are served on the event loop when they can be
+(see ``open_read`` and ``_write_small``)."""
 MEMORY_FILE_SYSTEMS: Final = frozenset({"tmpfs", "ramfs"})
-"""Files up to this size are read whole when opened (one trip to a worker thread in all)."""
-PIPE_SIZE: Final = CHUNK_SIZE
-"""Capacity asked for the pipe between a socket and a file (``F_SETPIPE_SZ``)."""
-"""Writes are buffered, and reads are cut, to this size: one thread hop per megabyte."""
+"""File systems whose files live in memory: a read there never waits for a disk."""
 
 TMP_DIR: Final = f"{SYSTEM_PREFIX}/tmp"
 """Key of the directory of temporary files; no operation and no listing reaches into it."""
@@ -443,7 +446,7 @@ class _TempFile:
         if self._finished:
             raise ValueError("temporary file already installed or discarded")
 
-    def append(self, chunks: list[bytes]) -> None:
+    def append(self, chunks: list[bytes], *, writeback: bool = True) -> None:
         with self._lock:
             self._check()
             views = [memoryview(chunk) for chunk in chunks if chunk]
@@ -460,7 +463,8 @@ class _TempFile:
                         written = 0
             # Start writing these pages to the disk now, while the next batch arrives, so
             # the fsync at the end waits for the last batch rather than the whole object.
-            _start_writeback(self._fd, start, self._size - start)
+            if writeback:
+                _start_writeback(self._fd, start, self._size - start)
 
     def attach_source(self, sock: int) -> None:
         """Take ownership of the socket ``sock`` (closed with this file) and make the pipe
@@ -632,8 +636,20 @@ async def _fill(chunks: AsyncIterable[bytes], temp: _TempFile) -> list[bytes]:
     return batch
 
 
-def _retrieve(future: asyncio.Future[None]) -> None:
-    """Mark the outcome of a write nobody awaits any more as seen (no "never retrieved")."""
+def _open_temp(tmp: int) -> _TempFile:
+    """Given the temporary folder (closed with the file, or now on failure), open a new
+    temporary file in it."""
+    try:
+        name = f"{secrets.token_hex(16)}.tmp"
+        fd = os.open(name, _TEMP_FLAGS, 0o666, dir_fd=tmp)
+    except BaseException:
+        os.close(tmp)
+        raise
+    return _TempFile(tmp, name, fd)
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Retrieve the outcome of a future nobody awaits any more (no "never retrieved")."""
     if not future.cancelled():
         future.exception()
 
@@ -903,8 +919,9 @@ class LocalBackend(Backend):
         exclusive: bool = False,
     ) -> Info:
         # A body that ends within the first CHUNK_SIZE bytes is written in one trip to a
-        # worker thread (check, temporary file, write, fsync, rename, fsync); a longer one
-        # streams, its first chunks included.
+        # worker thread (check, temporary file, write, fsync, rename, fsync), its lookups on
+        # the event loop if it is small and the disk local; a longer one streams, its first
+        # chunks included.
         iterator = aiter(chunks)
         head: list[bytes] = []
         size = 0
@@ -913,6 +930,9 @@ class LocalBackend(Backend):
             size += len(chunk)
         if size < CHUNK_SIZE:
             segments, metadata, xattr = _prepare(key, content_type, metadata)
+            if self._reads_on_loop and size <= SMALL_WRITE_MAX:
+                st = await self._write_small(segments, key, exclusive, head, xattr)
+                return _file_info(key, st, content_type, metadata)
             cancelled = threading.Event()
             try:
                 st = await asyncio.to_thread(
@@ -926,6 +946,73 @@ class LocalBackend(Backend):
         return await self._write(
             key, functools.partial(_fill, rest), content_type, metadata, exclusive
         )
+
+    async def _write_small(
+        self,
+        segments: list[str],
+        key: str,
+        exclusive: bool,
+        data: list[bytes],
+        xattr: bytes | None,
+    ) -> os.stat_result:
+        """Write a small body on a local-disk file system.
+
+        The lookups (the checks at the key, the directories' descriptors) are made on the
+        event loop, as for reads: they only touch the kernel's caches. What changes the file
+        system (the temporary file, its bytes and metadata, its fsync, the rename, the
+        directory's fsync) is done in one trip to a worker thread: a change can wait on the
+        file system's journal, and the event loop must not. A worker thread contends for the
+        GIL at each of its system calls; the whole write in a thread, walks included, made
+        about thirty of them, and under load the handing over of the GIL cost more CPU than
+        the upload itself. This thread makes ten.
+        """
+        self._check_writable(segments, key, exclusive)
+        tmp = self._open_dir(self._tmp_segments, TMP_DIR)
+        parent: int | None = None
+        try:
+            # A missing directory is made in the thread: a new directory's entry is fsynced.
+            with contextlib.suppress(FileNotFoundError):
+                parent = self._open_dir(segments[:-1], key)
+        except BaseException:
+            os.close(tmp)
+            raise
+        cancelled = threading.Event()
+        # Shielded: once queued, the thread runs, and drops the file if the task was cancelled.
+        finishing = asyncio.ensure_future(
+            asyncio.to_thread(
+                self._finish_small, tmp, parent, data, xattr, segments, key, exclusive, cancelled
+            )
+        )
+        try:
+            return await asyncio.shield(finishing)
+        except asyncio.CancelledError:
+            cancelled.set()  # the thread drops the file, unless it was already renamed
+            finishing.add_done_callback(_retrieve)
+            raise
+
+    def _finish_small(
+        self,
+        tmp: int,
+        parent: int | None,
+        data: list[bytes],
+        xattr: bytes | None,
+        segments: list[str],
+        key: str,
+        exclusive: bool,
+        cancelled: threading.Event,
+    ) -> os.stat_result:
+        try:
+            temp = _open_temp(tmp)
+            try:
+                return self._end_write(
+                    temp, data, xattr, segments, key, exclusive, cancelled, parent=parent
+                )
+            except BaseException:
+                temp.discard()
+                raise
+        finally:
+            if parent is not None:
+                os.close(parent)
 
     def _write_whole(
         self,
@@ -1014,14 +1101,7 @@ class LocalBackend(Backend):
     def _begin_write(self, segments: list[str], key: str, exclusive: bool) -> _TempFile:
         """Refuse a write that cannot land before its body is read; open its temporary file."""
         self._check_writable(segments, key, exclusive)
-        tmp = self._open_dir(self._tmp_segments, TMP_DIR)
-        try:
-            name = f"{secrets.token_hex(16)}.tmp"
-            fd = os.open(name, _TEMP_FLAGS, 0o666, dir_fd=tmp)
-        except BaseException:
-            os.close(tmp)
-            raise
-        return _TempFile(tmp, name, fd)
+        return _open_temp(self._open_dir(self._tmp_segments, TMP_DIR))
 
     def _check_writable(self, segments: list[str], key: str, exclusive: bool) -> None:
         fd = self._open_base()
@@ -1055,12 +1135,18 @@ class LocalBackend(Backend):
         key: str,
         exclusive: bool,
         cancelled: threading.Event | None = None,
+        *,
+        parent: int | None = None,
     ) -> os.stat_result:
+        """Make the temporary file durable and give it its name, in ``parent`` (the key's
+        directory, left open) or else in the key's directory, made if missing."""
         if rest:
-            temp.append(rest)
+            temp.append(rest, writeback=False)  # the fsync follows at once
         temp.seal(xattr)
         if cancelled is not None and cancelled.is_set():
             raise _WriteCancelled  # the last moment to drop it: the rename below commits
+        if parent is not None:
+            return temp.install(parent, segments[-1], key, exclusive)
         parent = self._open_dir(segments[:-1], key, create=True)
         try:
             return temp.install(parent, segments[-1], key, exclusive)

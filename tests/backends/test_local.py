@@ -169,6 +169,25 @@ async def test_reads_go_to_threads_on_a_file_system_that_is_not_a_local_disk(
         await backend.close()
 
 
+async def test_a_small_write_makes_one_trip_to_a_worker_thread(
+    store: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The lookups run on the event loop; the thread makes the file, fsyncs and renames it.
+    trips: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def spy(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        trips.append(getattr(func, "__name__", repr(func)))
+        return await to_thread(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", spy)
+    await put(store, "tenants/acme/new/dir/k", b"first")  # its directories are made too
+    await put(store, "tenants/acme/new/dir/k", b"second")
+    assert trips == ["_finish_small", "_finish_small"]
+    assert await get(store, "tenants/acme/new/dir/k") == b"second"
+    assert temp_files(store) == []
+
+
 async def test_small_files_in_memory_are_read_on_the_event_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -334,24 +353,29 @@ async def test_cancelled_write_leaves_no_temporary_file_and_keeps_old(
     assert await get(store, "c/file") == b"old"
 
 
+@pytest.mark.parametrize(
+    "size",
+    [4, local_module.SMALL_WRITE_MAX + 1, local_module.CHUNK_SIZE + 1],
+    ids=["small", "whole", "streamed"],
+)
 async def test_write_cancelled_while_opening_its_temporary_file_leaves_none(
-    store: LocalBackend, monkeypatch: pytest.MonkeyPatch
+    store: LocalBackend, monkeypatch: pytest.MonkeyPatch, size: int
 ) -> None:
     entered, release, opened = threading.Event(), threading.Event(), threading.Event()
-    real_begin = store._begin_write
+    real_open = local_module._open_temp
 
-    def slow_begin(*args: Any) -> Any:
+    def slow_open(*args: Any) -> Any:
         entered.set()
         release.wait(5)
         try:
-            return real_begin(*args)
+            return real_open(*args)
         finally:
             opened.set()
 
-    monkeypatch.setattr(store, "_begin_write", slow_begin)
+    monkeypatch.setattr(local_module, "_open_temp", slow_open)
     fds = psutil.Process().num_fds()
-    task = asyncio.create_task(store.write("c/file", body(b"data")))
-    await asyncio.to_thread(entered.wait, 5)
+    task = asyncio.create_task(store.write("c/file", body(b"d" * size)))
+    assert await asyncio.to_thread(entered.wait, 5)
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
