@@ -857,6 +857,28 @@ class LocalBackend(Backend):
 
     # -- reads -------------------------------------------------------------------------------
 
+    async def file_size(self, key: str) -> int | None:
+        # Every upload asks (usage counters, quotas): a status, no descriptor, no metadata.
+        if self._reads_on_loop:
+            return self._file_size(key)
+        return await asyncio.to_thread(self._file_size, key)
+
+    def _file_size(self, key: str) -> int | None:
+        segments = _split(key)
+        try:
+            parent = self._lookup_dir(segments[:-1], key)
+        except FileNotFoundError:
+            return None
+        try:
+            st = os.stat(segments[-1], dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        finally:
+            os.close(parent)
+        if stat.S_ISLNK(st.st_mode):
+            raise _symlink_error(key)  # as info() would
+        return st.st_size if stat.S_ISREG(st.st_mode) else None
+
     async def info(self, key: str) -> Info:
         if self._reads_on_loop:
             return self._info(key)  # metadata only: see open_read

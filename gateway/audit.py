@@ -47,6 +47,7 @@ from .errors import BadRequest
 
 log = logging.getLogger("gateway.audit")
 
+_encode_record = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 AUDIT_PREFIX: Final = f"{SYSTEM_PREFIX}/audit"
 NULL_TENANT_SEGMENT: Final = "~"  # outside the tenant-id grammar: no tenant can collide
 CONCURRENCY: Final = 8
@@ -123,7 +124,7 @@ class AuditLog:
             self.dropped += 1
             log.warning("audit log backlog full (%d queued): a record was dropped", MAX_PENDING)
             return None
-        data = json.dumps(record, separators=(",", ":"), ensure_ascii=False).encode()
+        data = _encode_record(record).encode()
         done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._queues.setdefault(tenant, []).append((data, time_ns, done))
         self._queued += 1

@@ -161,17 +161,19 @@ class _Body:
         size = 0
         content = self.request.content
         while True:
-            # A client that stops sending must not hold a temporary file (or a multipart
-            # upload) and a connection forever: each wait for body bytes is bounded.
-            try:
-                async with asyncio.timeout(self.read_timeout):
-                    chunk = await content.readany()
-            except TimeoutError:
-                raise RequestTimeout(
-                    f"no body bytes for {self.read_timeout:g} s; nothing was stored"
-                ) from None
+            chunk = content.read_nowait()  # what has arrived (a small body: all of it)
             if not chunk:
-                break
+                # A client that stops sending must not hold a temporary file (or a multipart
+                # upload) and a connection forever: each wait for body bytes is bounded.
+                try:
+                    async with asyncio.timeout(self.read_timeout):
+                        chunk = await content.readany()
+                except TimeoutError:
+                    raise RequestTimeout(
+                        f"no body bytes for {self.read_timeout:g} s; nothing was stored"
+                    ) from None
+                if not chunk:
+                    break
             size += len(chunk)
             self.limits.check(size)  # raised mid-stream: the backend stores nothing
             if md5 is not None:

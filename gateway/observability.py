@@ -48,6 +48,7 @@ from .errors import Forbidden
 from .state import CONFIG, REGISTRY
 from .zerocopy import TAKEN
 
+_encode_line = json.JSONEncoder(ensure_ascii=False).encode  # built once, not per line
 access_log = logging.getLogger("gateway.access")
 
 METHODS: Final = frozenset({"GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"})
@@ -257,7 +258,7 @@ def _finish(
             "identity": who,
             "remote": request.remote,
         }
-        text = json.dumps(line, ensure_ascii=False)
+        text = _encode_line(line)
         writer = _access_writer
         if writer is not None and access_log.handlers == [writer] and not access_log.filters:
             writer.add(text)  # nobody else listens: no record needed

@@ -699,3 +699,5 @@ async def test_file_size_is_the_size_of_a_file_and_none_elsewhere(backend: Backe
     assert await backend.file_size("s/d/f.bin") == 5
     assert await backend.file_size("s/d") is None
     assert await backend.file_size("s/none") is None
+    assert await backend.file_size("s/d/f.bin/below") is None  # a file where a folder would be
+    assert await backend.file_size("s/none/f.bin") is None
