@@ -1000,10 +1000,8 @@ class LocalBackend(Backend):
             raise
         cancelled = threading.Event()
         # Shielded: once queued, the thread runs, and drops the file if the task was cancelled.
-        finishing = asyncio.ensure_future(
-            asyncio.to_thread(
-                self._finish_small, tmp, parent, data, xattr, segments, key, exclusive, cancelled
-            )
+        finishing = asyncio.get_running_loop().run_in_executor(
+            None, self._finish_small, tmp, parent, data, xattr, segments, key, exclusive, cancelled
         )
         try:
             return await asyncio.shield(finishing)

@@ -162,6 +162,8 @@ class _Body:
         content = self.request.content
         while True:
             chunk = content.read_nowait()  # what has arrived (a small body: all of it)
+            if not chunk and content.at_eof():
+                break
             if not chunk:
                 # A client that stops sending must not hold a temporary file (or a multipart
                 # upload) and a connection forever: each wait for body bytes is bounded.
