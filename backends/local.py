@@ -1166,7 +1166,10 @@ class LocalBackend(Backend):
         if cancelled is not None and cancelled.is_set():
             raise _WriteCancelled  # the last moment to drop it: the rename below commits
         if parent is not None:
-            return temp.install(parent, segments[-1], key, exclusive)
+            try:
+                return temp.install(parent, segments[-1], key, exclusive)
+            except FileNotFoundError:
+                pass  # the directory was removed since it was opened (ENOENT): make it again
         parent = self._open_dir(segments[:-1], key, create=True)
         try:
             return temp.install(parent, segments[-1], key, exclusive)

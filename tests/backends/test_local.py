@@ -189,6 +189,26 @@ async def test_a_small_write_makes_one_trip_to_a_worker_thread(
     assert temp_files(store) == []
 
 
+async def test_a_small_write_lands_when_its_directory_is_removed_meanwhile(
+    store: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The directory is opened on the event loop, the rename happens later in a thread: an
+    # empty directory removed in between (a delete of the prefix) is made again.
+    await put(store, "tenants/acme/d/old", b"old")
+    await store.delete("tenants/acme/d/old")
+    seal = local_module._TempFile.seal
+
+    def seal_then_remove(temp: Any, xattr: bytes | None) -> None:
+        seal(temp, xattr)
+        os.rmdir(base(store) / "tenants/acme/d")
+
+    monkeypatch.setattr(local_module._TempFile, "seal", seal_then_remove)
+    await put(store, "tenants/acme/d/k", b"kept")
+    monkeypatch.undo()
+    assert await get(store, "tenants/acme/d/k") == b"kept"
+    assert temp_files(store) == []
+
+
 async def test_small_files_in_memory_are_read_on_the_event_loop(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
