@@ -162,8 +162,8 @@ def _file_system_type(fd: int) -> str | None:
 
 
 def _honours_nowait(tmp: int) -> bool:
-    """Given the gateway's temporary folder, return whether its file system serves reads
-    with ``RWF_NOWAIT`` (answered from the page cache, or refused if they would wait)."""
+    """Given the gateway's temporary folder, return whether its file system serves cached
+    bytes to a read with ``RWF_NOWAIT`` (and refuses only reads that would wait)."""
     name = f"probe-{secrets.token_hex(8)}.tmp"
     fd = os.open(name, (_TEMP_FLAGS & ~os.O_WRONLY) | os.O_RDWR, 0o600, dir_fd=tmp)
     try:
@@ -171,7 +171,7 @@ def _honours_nowait(tmp: int) -> bool:
         try:
             os.preadv(fd, [bytearray(1)], 0, os.RWF_NOWAIT)
         except BlockingIOError:
-            return True  # honoured: the byte was not in the cache (it just was written)
+            return False  # the byte was just written, so cached: refused, not honoured
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                 return False
@@ -977,31 +977,23 @@ class LocalBackend(Backend):
         data: list[bytes],
         xattr: bytes | None,
     ) -> os.stat_result:
-        """Write a small body on a local-disk file system.
+        """Write a small body on a local-disk file system: the checks at the key (lookups,
+        which only touch the kernel's caches) on the event loop, as for reads; the rest in one
+        trip to a worker thread.
 
-        The lookups (the checks at the key, the directories' descriptors) are made on the
-        event loop, as for reads: they only touch the kernel's caches. What changes the file
-        system (the temporary file, its bytes and metadata, its fsync, the rename, the
-        directory's fsync) is done in one trip to a worker thread: a change can wait on the
-        file system's journal, and the event loop must not. A worker thread contends for the
-        GIL at each of its system calls; the whole write in a thread, walks included, made
-        about thirty of them, and under load the handing over of the GIL cost more CPU than
-        the upload itself. This thread makes ten.
+        A worker thread contends for the GIL at each of its system calls, and under load the
+        handing over of the GIL cost more CPU than a small upload itself. The key's directory
+        is still opened in the thread, by its path, right before the rename: a directory moved
+        since the write began must not take the object with it.
         """
         self._check_writable(segments, key, exclusive)
-        tmp = self._open_dir(self._tmp_segments, TMP_DIR)
-        parent: int | None = None
-        try:
-            # A missing directory is made in the thread: a new directory's entry is fsynced.
-            with contextlib.suppress(FileNotFoundError):
-                parent = self._open_dir(segments[:-1], key)
-        except BaseException:
-            os.close(tmp)
-            raise
         cancelled = threading.Event()
         # Shielded: once queued, the thread runs, and drops the file if the task was cancelled.
         finishing = asyncio.get_running_loop().run_in_executor(
-            None, self._finish_small, tmp, parent, data, xattr, segments, key, exclusive, cancelled
+            None,
+            functools.partial(
+                self._write_whole, segments, key, exclusive, data, xattr, cancelled, checked=True
+            ),
         )
         try:
             return await asyncio.shield(finishing)
@@ -1009,30 +1001,6 @@ class LocalBackend(Backend):
             cancelled.set()  # the thread drops the file, unless it was already renamed
             finishing.add_done_callback(_retrieve)
             raise
-
-    def _finish_small(
-        self,
-        tmp: int,
-        parent: int | None,
-        data: list[bytes],
-        xattr: bytes | None,
-        segments: list[str],
-        key: str,
-        exclusive: bool,
-        cancelled: threading.Event,
-    ) -> os.stat_result:
-        try:
-            temp = _open_temp(tmp)
-            try:
-                return self._end_write(
-                    temp, data, xattr, segments, key, exclusive, cancelled, parent=parent
-                )
-            except BaseException:
-                temp.discard()
-                raise
-        finally:
-            if parent is not None:
-                os.close(parent)
 
     def _write_whole(
         self,
@@ -1042,8 +1010,13 @@ class LocalBackend(Backend):
         data: list[bytes],
         xattr: bytes | None,
         cancelled: threading.Event,
+        *,
+        checked: bool = False,
     ) -> os.stat_result:
-        temp = self._begin_write(segments, key, exclusive)
+        if checked:  # _check_writable ran on the event loop
+            temp = _open_temp(self._open_dir(self._tmp_segments, TMP_DIR))
+        else:
+            temp = self._begin_write(segments, key, exclusive)
         try:
             return self._end_write(temp, data, xattr, segments, key, exclusive, cancelled)
         except BaseException:
@@ -1155,22 +1128,18 @@ class LocalBackend(Backend):
         key: str,
         exclusive: bool,
         cancelled: threading.Event | None = None,
-        *,
-        parent: int | None = None,
     ) -> os.stat_result:
-        """Make the temporary file durable and give it its name, in ``parent`` (the key's
-        directory, left open) or else in the key's directory, made if missing."""
+        """Make the temporary file durable and give it its name in the key's directory (made
+        if missing), looked up now, right before the rename."""
         if rest:
             temp.append(rest, writeback=False)  # the fsync follows at once
         temp.seal(xattr)
         if cancelled is not None and cancelled.is_set():
             raise _WriteCancelled  # the last moment to drop it: the rename below commits
-        if parent is not None:
-            try:
-                return temp.install(parent, segments[-1], key, exclusive)
-            except FileNotFoundError:
-                pass  # the directory was removed since it was opened (ENOENT): make it again
-        parent = self._open_dir(segments[:-1], key, create=True)
+        try:
+            parent = self._open_dir(segments[:-1], key)  # no mkdir attempts where it exists
+        except FileNotFoundError:
+            parent = self._open_dir(segments[:-1], key, create=True)
         try:
             return temp.install(parent, segments[-1], key, exclusive)
         finally:
