@@ -49,7 +49,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Final, cast
+from typing import Final, cast
 
 from ._metadata import normalise_metadata
 from .base import (
@@ -74,7 +74,7 @@ SPLICE_SLICE: Final = 16 * CHUNK_SIZE
 WHOLE_READ_MAX: Final = 64 * 1024
 """Files up to this size are read whole when opened (one trip to a worker thread in all)."""
 SMALL_WRITE_MAX: Final = 64 * 1024
-"""Bodies up to this size are written on the event loop, save the fsyncs (``_write_small``)."""
+"""Bodies up to this size have the checks at their key made on the event loop (``write``)."""
 PIPE_SIZE: Final = CHUNK_SIZE
 """Capacity asked for the pipe between a socket and a file (``F_SETPIPE_SZ``)."""
 LOCAL_FILE_SYSTEMS: Final = frozenset(
@@ -82,7 +82,7 @@ LOCAL_FILE_SYSTEMS: Final = frozenset(
 )
 """File systems on a local block device (or in memory): opening a file there does not wait
 on a network. On these, small reads and writes are served on the event loop when they can be
-(see ``open_read`` and ``_write_small``)."""
+(see ``open_read`` and ``write``)."""
 MEMORY_FILE_SYSTEMS: Final = frozenset({"tmpfs", "ramfs"})
 """File systems whose files live in memory: a read there never waits for a disk."""
 
@@ -648,8 +648,8 @@ def _open_temp(tmp: int) -> _TempFile:
     return _TempFile(tmp, name, fd)
 
 
-def _retrieve(future: asyncio.Future[Any]) -> None:
-    """Retrieve the outcome of a future nobody awaits any more (no "never retrieved")."""
+def _retrieve(future: asyncio.Future[None]) -> None:
+    """Mark the outcome of a write nobody awaits any more as seen (no "never retrieved")."""
     if not future.cancelled():
         future.exception()
 
@@ -941,9 +941,8 @@ class LocalBackend(Backend):
         exclusive: bool = False,
     ) -> Info:
         # A body that ends within the first CHUNK_SIZE bytes is written in one trip to a
-        # worker thread (check, temporary file, write, fsync, rename, fsync), its lookups on
-        # the event loop if it is small and the disk local; a longer one streams, its first
-        # chunks included.
+        # worker thread (check, temporary file, write, fsync, rename, fsync); a longer one
+        # streams, its first chunks included.
         iterator = aiter(chunks)
         head: list[bytes] = []
         size = 0
@@ -952,13 +951,19 @@ class LocalBackend(Backend):
             size += len(chunk)
         if size < CHUNK_SIZE:
             segments, metadata, xattr = _prepare(key, content_type, metadata)
-            if self._reads_on_loop and size <= SMALL_WRITE_MAX:
-                st = await self._write_small(segments, key, exclusive, head, xattr)
-                return _file_info(key, st, content_type, metadata)
+            # A small body on a local disk: the checks at the key (lookups, which only touch
+            # the kernel's caches) run on the event loop, as for reads. Each system call of a
+            # worker thread contends with the event loop for the GIL, and under load that cost
+            # more CPU than a small upload itself. The key's directory is still opened in the
+            # thread, by its path, right before the rename: a directory moved since the write
+            # began must not take the object with it.
+            checked = self._reads_on_loop and size <= SMALL_WRITE_MAX
+            if checked:
+                self._check_writable(segments, key, exclusive)
             cancelled = threading.Event()
             try:
                 st = await asyncio.to_thread(
-                    self._write_whole, segments, key, exclusive, head, xattr, cancelled
+                    self._write_whole, segments, key, exclusive, head, xattr, cancelled, checked
                 )
             except asyncio.CancelledError:
                 cancelled.set()  # the thread drops the file, unless it was already renamed
@@ -969,39 +974,6 @@ class LocalBackend(Backend):
             key, functools.partial(_fill, rest), content_type, metadata, exclusive
         )
 
-    async def _write_small(
-        self,
-        segments: list[str],
-        key: str,
-        exclusive: bool,
-        data: list[bytes],
-        xattr: bytes | None,
-    ) -> os.stat_result:
-        """Write a small body on a local-disk file system: the checks at the key (lookups,
-        which only touch the kernel's caches) on the event loop, as for reads; the rest in one
-        trip to a worker thread.
-
-        A worker thread contends for the GIL at each of its system calls, and under load the
-        handing over of the GIL cost more CPU than a small upload itself. The key's directory
-        is still opened in the thread, by its path, right before the rename: a directory moved
-        since the write began must not take the object with it.
-        """
-        self._check_writable(segments, key, exclusive)
-        cancelled = threading.Event()
-        # Shielded: once queued, the thread runs, and drops the file if the task was cancelled.
-        finishing = asyncio.get_running_loop().run_in_executor(
-            None,
-            functools.partial(
-                self._write_whole, segments, key, exclusive, data, xattr, cancelled, checked=True
-            ),
-        )
-        try:
-            return await asyncio.shield(finishing)
-        except asyncio.CancelledError:
-            cancelled.set()  # the thread drops the file, unless it was already renamed
-            finishing.add_done_callback(_retrieve)
-            raise
-
     def _write_whole(
         self,
         segments: list[str],
@@ -1010,8 +982,7 @@ class LocalBackend(Backend):
         data: list[bytes],
         xattr: bytes | None,
         cancelled: threading.Event,
-        *,
-        checked: bool = False,
+        checked: bool,
     ) -> os.stat_result:
         if checked:  # _check_writable ran on the event loop
             temp = _open_temp(self._open_dir(self._tmp_segments, TMP_DIR))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import os
@@ -179,10 +180,12 @@ async def test_a_small_write_makes_one_trip_to_a_worker_thread(
     run_in_executor = loop.run_in_executor
 
     def spy(executor: Any, func: Callable[..., Any], *args: Any) -> Any:
-        trips.append(getattr(getattr(func, "func", func), "__name__", repr(func)))
+        # asyncio.to_thread hands over partial(context.run, function, ...): name the function
+        called = func.args[0] if isinstance(func, functools.partial) and func.args else func
+        trips.append(getattr(called, "__name__", repr(called)))
         return run_in_executor(executor, func, *args)
 
-    monkeypatch.setattr(loop, "run_in_executor", spy)  # asyncio.to_thread goes through it too
+    monkeypatch.setattr(loop, "run_in_executor", spy)
     await put(store, "tenants/acme/new/dir/k", b"first")  # its directories are made too
     await put(store, "tenants/acme/new/dir/k", b"second")
     assert trips == ["_write_whole", "_write_whole"]
