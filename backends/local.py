@@ -864,17 +864,12 @@ class LocalBackend(Backend):
         return await asyncio.to_thread(self._file_size, key)
 
     def _file_size(self, key: str) -> int | None:
-        segments = _split(key)
         try:
-            parent = self._lookup_dir(segments[:-1], key)
-        except FileNotFoundError:
+            st = self._lstat(_split(key), key)
+        except NotADirectoryError:
+            return None  # a file where a directory would be
+        if st is None:
             return None
-        try:
-            st = os.stat(segments[-1], dir_fd=parent, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
-        finally:
-            os.close(parent)
         if stat.S_ISLNK(st.st_mode):
             raise _symlink_error(key)  # as info() would
         return st.st_size if stat.S_ISREG(st.st_mode) else None
@@ -1068,25 +1063,35 @@ class LocalBackend(Backend):
         return _open_temp(self._open_dir(self._tmp_segments, TMP_DIR))
 
     def _check_writable(self, segments: list[str], key: str, exclusive: bool) -> None:
+        st = self._lstat(segments, key)
+        if st is None:
+            return  # the write will create it (and what is missing above it)
+        if stat.S_ISLNK(st.st_mode):
+            raise _symlink_error(key)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", key)
+        if exclusive:
+            raise FileExistsError(errno.EEXIST, "object exists", key)
+
+    def _lstat(self, segments: list[str], key: str) -> os.stat_result | None:
+        """Given a key's segments, return the status of the entry there (a link not followed),
+        or ``None`` if it, or a directory above it, is missing.
+
+        Raises ``NotADirectoryError`` for a file above it, ``PermissionError`` at a link above it.
+        """
         fd = self._open_base()
         try:
             for segment in segments[:-1]:
                 try:
                     child = _open_child_dir(fd, segment, key)
                 except FileNotFoundError:
-                    return  # the write will create the rest
+                    return None
                 fd, parent = child, fd
                 os.close(parent)
             try:
-                st = os.stat(segments[-1], dir_fd=fd, follow_symlinks=False)
+                return os.stat(segments[-1], dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
-                return
-            if stat.S_ISLNK(st.st_mode):
-                raise _symlink_error(key)
-            if stat.S_ISDIR(st.st_mode):
-                raise IsADirectoryError(errno.EISDIR, "is a directory", key)
-            if exclusive:
-                raise FileExistsError(errno.EEXIST, "object exists", key)
+                return None
         finally:
             os.close(fd)
 
