@@ -155,27 +155,27 @@ class _Body:
         self.md5 = _digest_header(request.headers, "Content-MD5", 16)
         self.sha256 = _digest_header(request.headers, "X-Checksum-Sha256", 32)
 
+    async def _wait_for_bytes(self) -> bytes:
+        """Wait for more of the body (``b""`` at its end). A client that stops sending must not
+        hold a temporary file (or a multipart upload) and a connection forever: each wait is
+        bounded. What has already arrived is taken without one (a small body: all of it)."""
+        try:
+            async with asyncio.timeout(self.read_timeout):
+                return await self.request.content.readany()
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no body bytes for {self.read_timeout:g} s; nothing was stored"
+            ) from None
+
     async def chunks(self) -> AsyncIterator[bytes]:
         md5 = hashlib.md5(usedforsecurity=False) if self.md5 is not None else None
         sha = hashlib.sha256() if self.sha256 is not None else None
         size = 0
         content = self.request.content
         while True:
-            chunk = content.read_nowait()  # what has arrived (a small body: all of it)
-            if not chunk and content.at_eof():
-                break
+            chunk = content.read_nowait() or await self._wait_for_bytes()
             if not chunk:
-                # A client that stops sending must not hold a temporary file (or a multipart
-                # upload) and a connection forever: each wait for body bytes is bounded.
-                try:
-                    async with asyncio.timeout(self.read_timeout):
-                        chunk = await content.readany()
-                except TimeoutError:
-                    raise RequestTimeout(
-                        f"no body bytes for {self.read_timeout:g} s; nothing was stored"
-                    ) from None
-                if not chunk:
-                    break
+                break
             size += len(chunk)
             self.limits.check(size)  # raised mid-stream: the backend stores nothing
             if md5 is not None:
