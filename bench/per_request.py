@@ -3,7 +3,7 @@
 Starts ``gateway serve`` (one process, tenants and auth on, a service-account Bearer token) on
 a fresh folder, runs ``wrk -t1 -c32`` with 4 KiB GETs or PUTs for ``--seconds``, ``--rounds``
 times, and prints per round: requests/s, the process's CPU time per request (user + system,
-from ``/proc/<pid>/stat``), and, where ``perf`` can count system calls, its ``futex`` calls and
+from psutil), and, where ``perf`` can count system calls, its ``futex`` calls and
 context switches per request (a worker thread contends with the event loop for the GIL at each
 of its system calls: the futex count shows it).
 
@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+import psutil
 
 from bench.compare import (
     GATEWAY_SERVE,
@@ -38,14 +39,13 @@ from bench.compare import (
 )
 from bench.rss import free_port
 
-TICKS: int = os.sysconf("SC_CLK_TCK")
 EVENTS = (("syscalls:sys_enter_futex", "futex"), ("context-switches", "context switches"))
 
 
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of process ``pid`` (all its threads), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime (fields 14, 15)
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 def perf_counts(pid: int, seconds: float) -> subprocess.Popen[str] | None:
