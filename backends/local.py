@@ -7,9 +7,11 @@ with it.
 
 Writes land in a temporary file under ``<base>/.gateway/tmp/<process>/``, are fsynced, get
 their metadata, and are renamed into place (then the directory is fsynced): a reader sees the
-old object or the whole new one. Each backend instance holds an ``flock`` on its own temporary
-folder; a crash leaves at most a temporary file in a folder nobody holds, and ``start`` removes
-those folders, and only those, so several processes can share one base path.
+old object or the whole new one. On a local disk, the file a small object replaces is kept as
+a spare and becomes a later write's temporary file (see ``_Spares``). Each backend instance
+holds an ``flock`` on its own temporary folder; a crash leaves at most temporary files in a
+folder nobody holds, and ``start`` removes those folders, and only those, so several processes
+can share one base path.
 
 Symbolic links are never followed (rule 8 of ``gateway.keys``). Every path is opened one
 segment at a time from a descriptor of the base directory with ``O_NOFOLLOW``, and every
@@ -33,12 +35,13 @@ import json
 import operator
 import os
 import secrets
+import signal
 import stat
 import sys
 import threading
 import time
 from bisect import bisect_right
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -102,6 +105,15 @@ _TEMP_FLAGS: Final = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O
 _NO_XATTR: Final = frozenset({errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP})
 
 _RENAME_NOREPLACE: Final = 1  # linux/fs.h
+_RENAME_EXCHANGE: Final = 2
+
+SPARES_MAX: Final = 4096
+"""Files of replaced small objects a backend instance keeps for later writes, at most."""
+SPARE_MIN_AGE: Final = 1.0
+"""Seconds a replaced file stays a spare, out of every key, before a write may reuse it."""
+SPARE_SUFFIX: Final = ".spare"
+"""Spares' names end so in a process's temporary folder; temporary files' in ``.tmp``."""
+_NO_LEASE: Final = frozenset({errno.EAGAIN, errno.EBUSY})  # open elsewhere: not "unsupported"
 
 
 # -- keys and errors ---------------------------------------------------------------------------
@@ -215,6 +227,41 @@ def _open_child_dir(dir_fd: int, name: str, key: str) -> int:
 
 
 # -- metadata and infos ------------------------------------------------------------------------
+
+
+_OPEN_ATTEMPTS: Final = 100
+
+
+def _open_in(parent: int, name: str, key: str) -> tuple[int, os.stat_result]:
+    """Given a directory and a name in it, return a descriptor of the file or directory there
+    and its status."""
+    try:
+        fd = os.open(name, _ENTRY_FLAGS, dir_fd=parent)
+    except FileNotFoundError:
+        raise _not_found(key) from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _symlink_error(key) from None
+        if exc.errno == errno.ENXIO:  # a socket: not an object
+            raise _not_found(key) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            raise _not_found(key)  # FIFOs and devices are not objects
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def _still_at(parent: int, name: str, st: os.stat_result) -> bool:
+    """Whether the file of status ``st`` is (still) the entry ``name`` of ``parent``."""
+    try:
+        now = os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return (now.st_ino, now.st_dev) == (st.st_ino, st.st_dev)
 
 
 def _encode_xattr(content_type: str | None, metadata: Mapping[str, str]) -> bytes | None:
@@ -432,11 +479,14 @@ class _TempFile:
     waits for a write already running in a worker thread, then closes and removes the file.
     """
 
-    def __init__(self, dir_fd: int, name: str, fd: int) -> None:
+    def __init__(self, dir_fd: int, name: str, fd: int, stale: int | None = None) -> None:
         self._dir_fd = dir_fd
         self._name = name
         self._fd = fd
         self._size = 0
+        # A spare (``_Spares``): the size of the earlier object still in the file, whose
+        # tail and attribute go when the file is sealed. None for a new file.
+        self._stale = stale
         # For a body spliced from a socket: the socket, then the pipe's read and write ends.
         self._source: tuple[int, int, int] | None = None
         self._lock = threading.Lock()
@@ -519,17 +569,27 @@ class _TempFile:
         """Record the metadata and make the content durable, before the file gets its name."""
         with self._lock:
             self._check()
+            if self._stale is not None:  # a spare: nothing of the earlier object may remain
+                if self._stale > self._size:
+                    os.ftruncate(self._fd, self._size)
+                if xattr is None:
+                    with contextlib.suppress(OSError):  # ENODATA: it had none
+                        os.removexattr(self._fd, XATTR)
             if xattr is not None:
                 os.setxattr(self._fd, XATTR, xattr)
             os.fsync(self._fd)
 
-    def install(self, parent_fd: int, name: str, key: str, exclusive: bool) -> os.stat_result:
-        """Give the file the name ``name`` in ``parent_fd``; return its status."""
+    def install(
+        self, parent_fd: int, name: str, key: str, exclusive: bool, spares: _Spares | None = None
+    ) -> os.stat_result:
+        """Give the file the name ``name`` in ``parent_fd``; return its status. With
+        ``spares``, a file it replaces is kept there (or removed) rather than dropped by the
+        rename."""
         with self._lock:
             self._check()
             if exclusive:
                 _rename_noreplace(self._dir_fd, self._name, parent_fd, name, key, is_dir=False)
-            else:
+            elif spares is None or not spares.exchange(self._dir_fd, self._name, parent_fd, name):
                 os.rename(self._name, name, src_dir_fd=self._dir_fd, dst_dir_fd=parent_fd)
             self._finished = True
             try:
@@ -553,6 +613,112 @@ class _TempFile:
                     os.unlink(self._name, dir_fd=self._dir_fd)
             finally:
                 os.close(self._dir_fd)
+
+
+class _Spares:
+    """Files of replaced small objects, kept to become the temporary files of later writes.
+
+    Replacing an object by a rename frees the old file's inode and blocks, and the next write
+    allocates new ones. On ext4 without a journal (this project's test machine) that is most
+    of a small upload's cost: the inode allocator skips, one by one, every inode freed in the
+    last minute, and with ``discard`` each freed block is trimmed on the spot. So a write that
+    replaces an object exchanges the two files (``renameat2(RENAME_EXCHANGE)``): the old one
+    lands under the temporary file's name, in this instance's own folder, and waits there.
+    A later small write takes it, writes its body over the old bytes (no allocation), cuts
+    what is left, replaces the attribute, and installs it the same way.
+
+    A spare is reused only if nothing can still read the object it held:
+    - it is a regular file with one link (a hard link elsewhere would see the new bytes);
+    - it has been out of every key for ``SPARE_MIN_AGE``: an ``open`` that found it at its
+      key just before it was replaced has long completed (and its next version cannot share
+      its modification time, so ETags stay distinct);
+    - no descriptor, in any process, has it open: the kernel grants a write lease only then
+      (``F_SETLEASE``, dropped at once). The gateway's own readers also check, once they hold
+      a descriptor, that the file is still the one at the key (``_open_entry``).
+    Where exchange or leases are missing (other file systems), replaced files are removed.
+    """
+
+    def __init__(self) -> None:
+        self._names: deque[tuple[float, str]] = deque()
+        self._lock = threading.Lock()
+        self.enabled = _renameat2 is not None
+
+    def exchange(self, tmp: int, name: str, parent_fd: int, target: str) -> bool:
+        """Install ``tmp/name`` as ``target`` in ``parent_fd`` by exchanging it with the file
+        there, which is then kept as a spare (or removed); return False if there was nothing
+        to exchange with (or exchanges are unsupported), for the caller to rename."""
+        if not self.enabled or _renameat2 is None:
+            return False
+        src, dst = os.fsencode(name), os.fsencode(target)
+        if _renameat2(tmp, src, parent_fd, dst, _RENAME_EXCHANGE) != 0:
+            code = ctypes.get_errno()
+            if code in (errno.EINVAL, errno.ENOSYS):
+                self.enabled = False
+            elif code != errno.ENOENT:
+                raise OSError(code, os.strerror(code), target)
+            return False
+        st = os.stat(name, dir_fd=tmp, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            # A directory took the key's place since the checks: put it back, and fail as
+            # the rename over it would have.
+            if _renameat2(tmp, src, parent_fd, dst, _RENAME_EXCHANGE) != 0:
+                code = ctypes.get_errno()
+                raise OSError(code, os.strerror(code), target)
+            raise IsADirectoryError(errno.EISDIR, "is a directory", target)
+        if not self._keep(tmp, name, st):
+            os.unlink(name, dir_fd=tmp)
+        return True
+
+    def _keep(self, tmp: int, name: str, st: os.stat_result) -> bool:
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > SMALL_WRITE_MAX:
+            return False
+        with self._lock:
+            if len(self._names) >= SPARES_MAX:
+                return False
+        if not name.endswith(SPARE_SUFFIX):  # a spare's own name says what it is
+            spare = name.removesuffix(".tmp") + SPARE_SUFFIX
+            os.rename(name, spare, src_dir_fd=tmp, dst_dir_fd=tmp)
+            name = spare
+        with self._lock:
+            self._names.append((time.monotonic(), name))
+        return True
+
+    def take(self, tmp: int) -> _TempFile | None:
+        """Given this instance's temporary folder (owned by the result), return a spare ready
+        to be written over, or None (the caller keeps ``tmp``)."""
+        with self._lock:
+            if not self._names or time.monotonic() - self._names[0][0] < SPARE_MIN_AGE:
+                return None
+            _, name = self._names.popleft()
+        try:
+            fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=tmp)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and self._unopened(fd):
+                return _TempFile(tmp, name, fd, stale=st.st_size)
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(name, dir_fd=tmp)
+        return None
+
+    def _unopened(self, fd: int) -> bool:
+        """Whether ``fd`` is the only open descriptor of its file, in any process."""
+        try:
+            # Were an open to race with the lease, the kernel would signal its holder:
+            # SIGURG, ignored by default, rather than SIGIO, which would end the process.
+            fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
+            fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)
+        except OSError as exc:
+            if exc.errno not in _NO_LEASE:
+                self.enabled = False  # leases unsupported here (or not allowed)
+            return False
+        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
+        return True
 
 
 def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
@@ -675,6 +841,7 @@ class LocalBackend(Backend):
         self._reads_on_loop = False  # set by start(): True on a local disk file system
         self._nowait = True  # set by start(): False where files live in memory
         self._tmp_lock: int | None = None
+        self._spares: _Spares | None = None  # set by start(): on a local disk file system
 
     # Every method below named ``_x`` runs in a worker thread and closes what it opens.
 
@@ -713,29 +880,23 @@ class LocalBackend(Backend):
             raise _not_found(key) from None
 
     def _open_entry(self, key: str) -> tuple[int, os.stat_result]:
-        """Given a key, return a descriptor of the file or directory there and its status."""
+        """Given a key, return a descriptor of the file or directory there and its status.
+
+        A file is returned only if, once open, it is still the one at the key: a file that
+        a write replaced can become another write's temporary file (``_Spares``) unless it is
+        open, and an ``open`` racing with that could otherwise return it.
+        """
         segments = _split(key)
         parent = self._lookup_dir(segments[:-1], key)
         try:
-            fd = os.open(segments[-1], _ENTRY_FLAGS, dir_fd=parent)
-        except FileNotFoundError:
-            raise _not_found(key) from None
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise _symlink_error(key) from None
-            if exc.errno == errno.ENXIO:  # a socket: not an object
-                raise _not_found(key) from None
-            raise
+            for _ in range(_OPEN_ATTEMPTS):
+                fd, st = _open_in(parent, segments[-1], key)
+                if not stat.S_ISREG(st.st_mode) or _still_at(parent, segments[-1], st):
+                    return fd, st
+                os.close(fd)  # replaced meanwhile: open what is there now
         finally:
             os.close(parent)
-        try:
-            st = os.fstat(fd)
-            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
-                raise _not_found(key)  # FIFOs and devices are not objects
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd, st
+        raise OSError(errno.EAGAIN, "the object kept changing while it was opened", key)
 
     # -- start -------------------------------------------------------------------------------
 
@@ -854,6 +1015,8 @@ class LocalBackend(Backend):
             return
         self._nowait = kind not in MEMORY_FILE_SYSTEMS
         self._reads_on_loop = not self._nowait or _honours_nowait(tmp)
+        if self._nowait:  # on a disk: in memory, freeing and allocating cost next to nothing
+            self._spares = _Spares()
 
     # -- reads -------------------------------------------------------------------------------
 
@@ -980,7 +1143,9 @@ class LocalBackend(Backend):
         checked: bool,
     ) -> os.stat_result:
         if checked:  # _check_writable ran on the event loop
-            temp = _open_temp(self._open_dir(self._tmp_segments, TMP_DIR))
+            tmp = self._open_dir(self._tmp_segments, TMP_DIR)
+            spare = None if self._spares is None else self._spares.take(tmp)
+            temp = spare if spare is not None else _open_temp(tmp)
         else:
             temp = self._begin_write(segments, key, exclusive)
         try:
@@ -1117,7 +1282,7 @@ class LocalBackend(Backend):
         except FileNotFoundError:
             parent = self._open_dir(segments[:-1], key, create=True)
         try:
-            return temp.install(parent, segments[-1], key, exclusive)
+            return temp.install(parent, segments[-1], key, exclusive, self._spares)
         finally:
             os.close(parent)
 

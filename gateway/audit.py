@@ -16,8 +16,9 @@ make the gateway write to the store (the access log and the metrics show them). 
 users, service accounts and tokens belong to no tenant and are not recorded here.
 
 A record is queued after the response is decided; one background task writes what is queued
-for each tenant as one document, at most ``CONCURRENCY`` documents at once, so a burst of
-mutations costs a few writes, not one each, and nothing is dropped short of ``MAX_PENDING``
+for each tenant as one document, at most ``CONCURRENCY`` documents at once and one per tenant
+(what arrives while a tenant's document is being written goes into its next one), so a burst
+of mutations costs a few writes, not one each, and nothing is dropped short of ``MAX_PENDING``
 queued records (a store that has stopped answering). The request waits at most
 ``WAIT_BEFORE_RESPONSE`` seconds for its batch, so on a healthy store a client that reads the
 audit log right after its change sees it. Shutdown flushes what is queued.
@@ -51,6 +52,7 @@ _encode_record = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).enc
 AUDIT_PREFIX: Final = f"{SYSTEM_PREFIX}/audit"
 NULL_TENANT_SEGMENT: Final = "~"  # outside the tenant-id grammar: no tenant can collide
 CONCURRENCY: Final = 8
+PER_TENANT: Final = 1  # documents being written at once for one tenant
 MAX_PENDING: Final = 100_000
 MAX_BATCH: Final = 1000
 WAIT_BEFORE_RESPONSE: Final = 0.5
@@ -108,6 +110,8 @@ class AuditLog:
         self._writer: asyncio.Task[None] | None = None
         self._semaphore = asyncio.Semaphore(CONCURRENCY)
         self._writes: set[asyncio.Task[None]] = set()
+        self._writing: dict[str | None, int] = {}  # documents being written, per tenant
+        self._written = asyncio.Event()  # set when a document write ends
         self.failures = 0
         self.dropped = 0
 
@@ -134,17 +138,25 @@ class AuditLog:
 
     async def _run(self) -> None:
         while self._queued:
+            started = False
             for tenant in list(self._queues):
+                if self._writing.get(tenant, 0) >= PER_TENANT:
+                    continue  # its records gather into one batch meanwhile
                 batch = self._queues[tenant][:MAX_BATCH]
                 del self._queues[tenant][: len(batch)]
                 if not self._queues[tenant]:
                     del self._queues[tenant]
                 self._queued -= len(batch)
+                self._writing[tenant] = self._writing.get(tenant, 0) + 1
                 await self._semaphore.acquire()
                 task = asyncio.create_task(self._write(tenant, batch), name="audit-write")
                 self._writes.add(task)
                 task.add_done_callback(self._writes.discard)
-            if not self._queued:
+                started = True
+            if not started:
+                self._written.clear()
+                await self._written.wait()
+            elif not self._queued:
                 await asyncio.sleep(0)  # let requests of this burst join the next batch
 
     async def _write(
@@ -178,6 +190,10 @@ class AuditLog:
             )  # fmt: skip
         finally:
             self._semaphore.release()
+            left = self._writing.pop(tenant) - 1
+            if left:
+                self._writing[tenant] = left
+            self._written.set()
             for _, _, done in batch:
                 if not done.done():
                     done.set_result(written)

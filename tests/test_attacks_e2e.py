@@ -636,12 +636,14 @@ class Storage:
         return result
 
 
-# The gateway's own audit records (gateway.audit), written for every mutation: only these
-# exact names, so a key that escaped into the system prefix is still reported.
+# The gateway's own documents, written for every mutation: only these exact names, so a key
+# that escaped into the system prefix is still reported. First its audit records (gateway.audit)
 AUDIT_RECORD: Final = re.compile(
     r"\.gateway/audit(/(~|[a-z0-9][a-z0-9_-]{0,62})(/[0-9]{20}-[0-9a-f]{12}\.json)?)?"
     # and its usage counters (gateway.usage): one document per tenant and process
     r"|\.gateway/usage(/(~|[a-z0-9][a-z0-9_-]{0,62})(/(base|p-[0-9a-f]+-[0-9a-f]{12})\.json)?)?"
+    # and the files of replaced objects the local backend keeps for later writes (_Spares)
+    r"|\.gateway/tmp/[0-9a-f]{16}/[0-9a-f]{32}\.spare"
 )
 
 

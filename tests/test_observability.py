@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -376,6 +377,46 @@ async def test_audit_batches_a_burst_and_pages_through_it_without_loss() -> None
             break
     assert keys == [f"k{i:03d}" for i in range(2500)]
     assert audit.dropped == 0
+
+
+async def test_audit_writes_one_document_per_tenant_at_a_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Group commit: the records that arrive while a tenant's document is being written wait,
+    # and go out together in its next one; another tenant's do not wait for it.
+    from backends.memory import MemoryBackend
+    from gateway.audit import AUDIT_PREFIX, AuditLog
+
+    backend = MemoryBackend()
+    await backend.start()
+    gate = asyncio.Event()
+    started: list[str] = []
+    write = backend.write
+
+    async def slow_write(key: str, chunks: Any, **options: Any) -> Any:
+        started.append(key.split("/")[2])
+        await gate.wait()
+        return await write(key, chunks, **options)
+
+    monkeypatch.setattr(backend, "write", slow_write)
+    audit = AuditLog(backend)
+    first = audit.submit("acme", {"action": "file.write", "key": "k0"}, 1_000)
+    await asyncio.sleep(0.01)  # acme's first document is being written
+    rest = [
+        audit.submit("acme", {"action": "file.write", "key": f"k{i}"}, 1_001 + i)
+        for i in range(1, 50)
+    ]
+    other = audit.submit("globex", {"action": "file.write", "key": "g"}, 2_000)
+    await asyncio.sleep(0.01)
+    assert started == ["acme", "globex"]  # the 49 wait for acme's document in flight
+    gate.set()
+    assert await audit.flush()
+    assert all(f is not None and f.result() for f in [first, *rest, other])
+    assert started == ["acme", "globex", "acme"]
+    documents = (await backend.list(f"{AUDIT_PREFIX}/acme")).entries
+    assert len(documents) == 2
+    records, _ = await audit.read("acme", limit=100)
+    assert [r["key"] for r in records] == [f"k{i}" for i in range(50)]
 
 
 def test_served_gateway_writes_one_access_line_per_request_on_stderr() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import functools
 import hashlib
 import json
@@ -21,7 +22,7 @@ import pytest
 
 import backends.local as local_module
 from backends.base import SYSTEM_PREFIX
-from backends.local import LOCK_NAME, TMP_DIR, XATTR, LocalBackend
+from backends.local import LOCK_NAME, SPARE_SUFFIX, TMP_DIR, XATTR, LocalBackend
 from tests.backends.helpers import UploadFailed, body, failing_body, get, names, put
 from tests.support.tmpfs import mounted_tmpfs
 
@@ -43,11 +44,18 @@ def base(store: LocalBackend) -> Path:
 
 
 def temp_files(store: LocalBackend) -> list[str]:
-    """Every temporary file of every process under the base (their lock files aside)."""
+    """Every temporary file of every process under the base (lock files and spares aside)."""
     root = base(store) / TMP_DIR
     return [
-        str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != LOCK_NAME
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and p.name != LOCK_NAME and not p.name.endswith(SPARE_SUFFIX)
     ]
+
+
+def spare_files(store: LocalBackend) -> list[Path]:
+    """The files of replaced objects kept for later writes (``_Spares``)."""
+    return sorted((base(store) / TMP_DIR).rglob(f"*{SPARE_SUFFIX}"))
 
 
 # -- layout on disk ----------------------------------------------------------------------------
@@ -551,6 +559,188 @@ async def test_readers_see_whole_versions_during_overwrites(store: LocalBackend)
     seen = set().union(*await asyncio.gather(*readers))
     assert seen  # the readers did read
     assert await get(store, "v/hot") == bytes([11]) * size
+
+
+# -- spares: replaced small files become later writes' files -------------------------------------
+
+
+@pytest.fixture
+def spares(store: LocalBackend, monkeypatch: pytest.MonkeyPatch) -> local_module._Spares:
+    """The backend's spares, on whatever file system the test folder is, reusable at once."""
+    monkeypatch.setattr(local_module, "SPARE_MIN_AGE", 0.0)
+    store._spares = local_module._Spares()
+    return store._spares
+
+
+async def test_a_replaced_small_file_becomes_the_next_writes_file(
+    store: LocalBackend, spares: local_module._Spares
+) -> None:
+    await put(store, "s/a", b"x" * 10_000, content_type="text/csv", metadata={"owner": "ann"})
+    first = await store.info("s/a")
+    inode = os.stat(base(store) / "s/a").st_ino
+    await put(store, "s/a", b"second")  # the first file is kept, not freed
+    assert [p.stat().st_ino for p in spare_files(store)] == [inode]
+    await put(store, "s/b", b"third")  # written over it: its tail and attribute go
+    assert os.stat(base(store) / "s/b").st_ino == inode
+    assert await get(store, "s/b") == b"third"
+    info = await store.info("s/b")
+    assert (info.size, info.content_type, dict(info.metadata)) == (5, None, {})
+    assert info.etag != first.etag
+    assert await get(store, "s/a") == b"second"
+    assert spare_files(store) == [] and temp_files(store) == []
+
+
+async def test_a_spare_open_elsewhere_is_not_written_over(
+    store: LocalBackend, spares: local_module._Spares
+) -> None:
+    await put(store, "s/a", b"old " * 1000)
+    with open(base(store) / "s/a", "rb") as reader:  # e.g. a backup reading the old version
+        await put(store, "s/a", b"new")
+        await put(store, "s/b", b"other")
+        assert os.stat(base(store) / "s/b").st_ino != os.fstat(reader.fileno()).st_ino
+        assert reader.read() == b"old " * 1000
+    assert spare_files(store) == [] and temp_files(store) == []
+
+
+async def test_a_spare_is_reused_only_once_it_has_been_out_of_every_key_a_while(
+    store: LocalBackend, spares: local_module._Spares, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(local_module, "SPARE_MIN_AGE", 60.0)
+    await put(store, "s/a", b"old")
+    inode = os.stat(base(store) / "s/a").st_ino
+    await put(store, "s/a", b"new")
+    await put(store, "s/b", b"other")
+    assert os.stat(base(store) / "s/b").st_ino != inode
+    assert [p.stat().st_ino for p in spare_files(store)] == [inode]
+
+
+async def test_a_hard_linked_object_is_not_kept_as_a_spare(
+    store: LocalBackend, spares: local_module._Spares, tmp_path: Path
+) -> None:
+    await put(store, "s/a", b"linked")
+    os.link(base(store) / "s/a", tmp_path / "elsewhere")
+    await put(store, "s/a", b"new")
+    await put(store, "s/b", b"other")
+    assert (tmp_path / "elsewhere").read_bytes() == b"linked"
+    assert spare_files(store) == [] and temp_files(store) == []
+
+
+async def test_a_replaced_large_file_is_removed_not_kept(
+    store: LocalBackend, spares: local_module._Spares
+) -> None:
+    await put(store, "s/big", b"b" * (local_module.SMALL_WRITE_MAX + 1))
+    await put(store, "s/big", b"small now")
+    assert spare_files(store) == [] and temp_files(store) == []
+    assert await get(store, "s/big") == b"small now"
+
+
+async def test_spares_are_bounded(
+    store: LocalBackend, spares: local_module._Spares, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(local_module, "SPARES_MAX", 2)
+    monkeypatch.setattr(local_module, "SPARE_MIN_AGE", 60.0)  # none is taken meanwhile
+    for number in range(4):
+        await put(store, f"s/{number}", b"v1")
+    for number in range(4):
+        await put(store, f"s/{number}", b"v2")
+    assert len(spare_files(store)) == 2 and temp_files(store) == []
+    assert [await get(store, f"s/{n}") for n in range(4)] == [b"v2"] * 4
+
+
+async def test_where_leases_are_refused_replaced_files_are_removed(
+    store: LocalBackend, spares: local_module._Spares, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = fcntl.fcntl
+
+    def no_leases(fd: int, command: int, *args: Any) -> Any:
+        if command == fcntl.F_SETLEASE:
+            raise OSError(errno.EINVAL, "leases unsupported")
+        return real(fd, command, *args)
+
+    monkeypatch.setattr(local_module.fcntl, "fcntl", no_leases)
+    await put(store, "s/a", b"old")
+    await put(store, "s/a", b"new")  # kept: leases are only asked for when reusing
+    await put(store, "s/b", b"other")  # refused: the spare goes, and spares are off
+    assert not spares.enabled
+    await put(store, "s/a", b"newer")
+    assert spare_files(store) == [] and temp_files(store) == []
+    assert [await get(store, k) for k in ("s/a", "s/b")] == [b"newer", b"other"]
+
+
+async def test_a_directory_that_took_the_keys_place_is_put_back(
+    store: LocalBackend, spares: local_module._Spares
+) -> None:
+    await put(store, "s/d/inner", b"inner")
+    tmp = store._open_dir(store._tmp_segments, TMP_DIR)
+    parent = store._open_dir(["s"], "s")
+    try:
+        os.close(os.open("t.tmp", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=tmp))
+        with pytest.raises(IsADirectoryError):
+            spares.exchange(tmp, "t.tmp", parent, "d")
+        assert os.path.isfile(f"/proc/self/fd/{tmp}/t.tmp")
+        os.unlink("t.tmp", dir_fd=tmp)
+    finally:
+        os.close(tmp)
+        os.close(parent)
+    assert await get(store, "s/d/inner") == b"inner"
+
+
+async def test_a_read_opens_again_if_its_file_was_replaced_as_it_opened_it(
+    store: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A file that left its key may become another write's file: only a file still at the key
+    # once open is served.
+    await put(store, "s/a", b"first")
+    replacement = base(store) / "s/replacement"
+    replacement.write_bytes(b"second")
+    real = local_module._open_in
+    opened: list[str] = []
+
+    def open_then_replace(parent: int, name: str, key: str) -> Any:
+        found = real(parent, name, key)
+        if not opened:
+            os.replace(replacement, base(store) / "s/a")  # a write lands right after the open
+        opened.append(name)
+        return found
+
+    monkeypatch.setattr(local_module, "_open_in", open_then_replace)
+    assert await get(store, "s/a") == b"second"
+    assert (await store.info("s/a")).size == len(b"second")
+    assert opened[:2] == ["a", "a"]
+
+
+async def test_readers_of_small_objects_see_only_their_own_whole_versions_with_spares(
+    store: LocalBackend, spares: local_module._Spares
+) -> None:
+    # Two keys overwritten in turn, each version one repeated byte of its own range: a reader
+    # that got a reused file of the other key, or one half rewritten, would see it.
+    size = 4096
+    done = False
+
+    async def overwrite() -> None:
+        for version in range(60):
+            for key, offset in (("v/hot", 0), ("v/cold", 100)):
+                await put(store, key, bytes([offset + version % 100]) * (size + version))
+
+    async def read(key: str, offset: int) -> int:
+        count = 0
+        while not done:
+            with contextlib.suppress(FileNotFoundError):
+                data = await get(store, key)
+                assert data == data[:1] * len(data), "a reader saw parts of two versions"
+                assert offset <= data[0] < offset + 100, "a reader saw another key's bytes"
+                assert len(data) == size + (data[0] - offset)
+                count += 1
+            await asyncio.sleep(0)
+        return count
+
+    await put(store, "v/hot", bytes([0]) * size)
+    await put(store, "v/cold", bytes([100]) * size)
+    readers = [asyncio.create_task(read(k, o)) for k, o in [("v/hot", 0), ("v/cold", 100)] * 2]
+    await overwrite()
+    done = True
+    assert all(await asyncio.gather(*readers))
+    assert spare_files(store)  # spares were in play
 
 
 async def test_move_without_renameat2_still_refuses_an_existing_destination(
