@@ -379,6 +379,70 @@ def _rename_noreplace(
     raise FileExistsError(errno.EEXIST, "destination exists", key)
 
 
+# -- one-call directory lookups ----------------------------------------------------------------
+
+
+_SYS_OPENAT2: Final = 437  # the same number on every Linux architecture (since 5.6)
+_RESOLVE_NO_SYMLINKS: Final = 0x04  # linux/openat2.h
+_RESOLVE_BENEATH: Final = 0x08
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def _load_openat2() -> Callable[[int, bytes], int] | None:
+    """``openat2(dir_fd, path)`` of a directory below ``dir_fd`` with no symbolic link on the
+    way (``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS``): the whole ``O_NOFOLLOW`` walk in one
+    system call. Returns the descriptor, or -1 with ``ctypes.get_errno()`` set."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        syscall = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):
+        return None
+    syscall.restype = ctypes.c_long
+    # No O_NOFOLLOW: a link as the last segment must fail as any other does (ELOOP), not
+    # with the ENOTDIR that O_DIRECTORY | O_NOFOLLOW gives.
+    how = _OpenHow(_DIR_FLAGS & ~os.O_NOFOLLOW, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS)
+    how_ref, how_size = ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how))
+    number = ctypes.c_long(_SYS_OPENAT2)
+
+    def openat2(dir_fd: int, path: bytes) -> int:
+        # Variadic: every integer goes as a long, as syscall(2) reads them.
+        return int(syscall(number, ctypes.c_long(dir_fd), path, how_ref, how_size))
+
+    return openat2
+
+
+_openat2: Final = _load_openat2()
+
+
+def _open_beneath(base: int, segments: list[str], key: str) -> int | None:
+    """Given the base directory and directory segments below it, return a descriptor of that
+    directory, opened in one call; None if that call cannot be used here (the caller walks).
+
+    Raises as ``_open_child_dir`` does, and ``FileNotFoundError`` for a missing segment.
+    """
+    if _openat2 is None:
+        return None
+    fd = _openat2(base, os.fsencode("/".join(segments)) if segments else b".")
+    if fd >= 0:
+        return fd
+    code = ctypes.get_errno()
+    if code == errno.ENOENT:
+        raise _not_found(key)
+    if code == errno.ENOTDIR:
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", key)
+    if code == errno.ELOOP:
+        raise _symlink_error(key)
+    if code == errno.EXDEV:  # ".." out of the base: keys have none, but never follow one
+        raise PermissionError(errno.EXDEV, "outside the base directory", key)
+    if code in (errno.ENOSYS, errno.EPERM, errno.EAGAIN, errno.EINVAL):
+        return None  # an older kernel, a filter that forbids it, or a rename to retry
+    raise OSError(code, os.strerror(code), key)
+
+
 # -- reading -----------------------------------------------------------------------------------
 
 
@@ -842,6 +906,7 @@ class LocalBackend(Backend):
         self._nowait = True  # set by start(): False where files live in memory
         self._tmp_lock: int | None = None
         self._spares: _Spares | None = None  # set by start(): on a local disk file system
+        self._base: int | None = None  # set by start(): the base directory, kept open
 
     # Every method below named ``_x`` runs in a worker thread and closes what it opens.
 
@@ -854,6 +919,10 @@ class LocalBackend(Backend):
         With ``create``, missing directories are made (and their creation made durable).
         Raises ``NotADirectoryError`` if a segment is a file, ``PermissionError`` at a link.
         """
+        if not create and self._base is not None:
+            found = _open_beneath(self._base, segments, key)
+            if found is not None:
+                return found
         fd = self._open_base()
         try:
             for segment in segments:
@@ -910,6 +979,8 @@ class LocalBackend(Backend):
             raise ValueError(
                 f"storage.local.base-path: {self.base_path!r} is not a directory"
             ) from None
+        if self._base is None:
+            self._base = self._open_base()  # lookups below it: one openat2 each
         tmp = self._open_dir(TMP_DIR.split("/"), TMP_DIR, create=True)
         try:
             kind = _file_system_type(tmp)
@@ -965,6 +1036,9 @@ class LocalBackend(Backend):
         await asyncio.to_thread(self._close)
 
     def _close(self) -> None:
+        base, self._base = self._base, None  # the last operation has ended: none uses it now
+        if base is not None:
+            os.close(base)
         lock, self._tmp_lock = self._tmp_lock, None
         if lock is None:
             return
@@ -1244,19 +1318,14 @@ class LocalBackend(Backend):
 
         Raises ``NotADirectoryError`` for a file above it, ``PermissionError`` at a link above it.
         """
-        fd = self._open_base()
         try:
-            for segment in segments[:-1]:
-                try:
-                    child = _open_child_dir(fd, segment, key)
-                except FileNotFoundError:
-                    return None
-                fd, parent = child, fd
-                os.close(parent)
-            try:
-                return os.stat(segments[-1], dir_fd=fd, follow_symlinks=False)
-            except FileNotFoundError:
-                return None
+            fd = self._open_dir(segments[:-1], key)
+        except FileNotFoundError:
+            return None
+        try:
+            return os.stat(segments[-1], dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
         finally:
             os.close(fd)
 

@@ -561,6 +561,53 @@ async def test_readers_see_whole_versions_during_overwrites(store: LocalBackend)
     assert await get(store, "v/hot") == bytes([11]) * size
 
 
+# -- lookups: one openat2 call, or a walk where it is missing -------------------------------------
+
+
+@pytest.mark.parametrize("one_call", [True, False], ids=["openat2", "walk"])
+async def test_lookups_refuse_links_anywhere_on_the_way(
+    store: LocalBackend, monkeypatch: pytest.MonkeyPatch, one_call: bool
+) -> None:
+    if one_call:
+        assert local_module._openat2 is not None  # Linux 5.6 or later
+    else:
+        monkeypatch.setattr(local_module, "_openat2", None)
+    await put(store, "t/a/b/obj", b"x")
+    await put(store, "t/file", b"f")
+    os.symlink(base(store) / "t/a", base(store) / "t/link")  # a link as a directory, ...
+    os.symlink("b", base(store) / "t/a/lb")  # ... relative, deeper, ...
+    os.symlink("b", base(store) / "t/a/last")  # ... and as the key's own directory
+    for key in ("t/link/b/obj", "t/a/lb/obj", "t/a/last/obj"):
+        with pytest.raises(PermissionError):
+            await store.info(key)
+        with pytest.raises(PermissionError):
+            await put(store, key, b"y")
+        with pytest.raises(PermissionError):
+            await store.list(key.rsplit("/", 1)[0])
+    with pytest.raises(FileNotFoundError):
+        await store.info("t/file/x")  # a file on the way
+    with pytest.raises(FileNotFoundError):
+        await store.info("t/missing/x")
+    assert await store.file_size("t/missing/x") is None
+    assert await store.file_size("t/a/b/obj") == 1
+    assert await get(store, "t/a/b/obj") == b"x"
+    assert (base(store) / "t/a/b/obj").read_bytes() == b"x"
+
+
+def test_a_one_call_lookup_never_leaves_the_base(tmp_path: Path) -> None:
+    (tmp_path / "base/a").mkdir(parents=True)
+    fd = os.open(tmp_path / "base", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(PermissionError):
+            local_module._open_beneath(fd, ["a", "..", ".."], "a/../..")
+        inner = local_module._open_beneath(fd, ["a"], "a")
+        assert inner is not None
+        assert os.readlink(f"/proc/self/fd/{inner}") == str(tmp_path / "base/a")
+        os.close(inner)
+    finally:
+        os.close(fd)
+
+
 # -- spares: replaced small files become later writes' files -------------------------------------
 
 
