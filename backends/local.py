@@ -266,10 +266,21 @@ def _still_at(parent: int, name: str, st: os.stat_result) -> bool:
 
 def _encode_xattr(content_type: str | None, metadata: Mapping[str, str]) -> bytes | None:
     """Given what a write records, return the attribute value (``None``: nothing to record)."""
-    if content_type is None and not metadata:
-        return None
+    if not metadata:
+        return _type_xattr(content_type)
     value = {"content_type": content_type, "metadata": dict(metadata)}
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+    return _encode_json(value).encode()
+
+
+@functools.lru_cache(maxsize=256)
+def _type_xattr(content_type: str | None) -> bytes | None:
+    """``_encode_xattr`` of a content type and no metadata (most writes: worth keeping)."""
+    if content_type is None:
+        return None
+    return _encode_json({"content_type": content_type, "metadata": {}}).encode()
+
+
+_encode_json: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def _read_xattr(fd: int) -> tuple[str | None, Mapping[str, str]]:
@@ -513,6 +524,21 @@ def _read_whole(fd: int, size: int, nowait: bool) -> bytes:
     if count != size:  # partly cached (or shorter than its size: the thread says which)
         raise _WouldBlock
     return bytes(buffer)
+
+
+class _Flag:
+    """Set once, by the event loop, and read by a worker thread (no lock needed: one store)."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
 
 
 class _WriteCancelled(Exception):
@@ -819,16 +845,19 @@ def _prepare(
     return _split(key), metadata, _encode_xattr(content_type, metadata)
 
 
-async def _until(chunks: AsyncIterator[bytes], size: int) -> AsyncIterator[bytes]:
-    """Yield chunks of ``chunks`` until they add up to ``size`` bytes or more, or it ends."""
+async def _head(chunks: AsyncIterator[bytes], size: int) -> tuple[list[bytes], int, bool]:
+    """Take chunks of ``chunks`` until they add up to ``size`` bytes or more, or it ends;
+    return them, their size and whether ``chunks`` ended."""
+    head: list[bytes] = []
     count = 0
     while count < size:
         try:
             chunk = await anext(chunks)
         except StopAsyncIteration:
-            return
+            return head, count, True
+        head.append(chunk)
         count += len(chunk)
-        yield chunk
+    return head, count, False
 
 
 async def _chain(head: list[bytes], rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
@@ -1176,12 +1205,8 @@ class LocalBackend(Backend):
         # worker thread (check, temporary file, write, fsync, rename, fsync); a longer one
         # streams, its first chunks included.
         iterator = aiter(chunks)
-        head: list[bytes] = []
-        size = 0
-        async for chunk in _until(iterator, CHUNK_SIZE):
-            head.append(chunk)
-            size += len(chunk)
-        if size < CHUNK_SIZE:
+        head, size, ended = await _head(iterator, CHUNK_SIZE)
+        if ended:
             segments, metadata, xattr = _prepare(key, content_type, metadata)
             # A small body on a local disk: the checks at the key (lookups, which only touch
             # the kernel's caches) run on the event loop, as for reads. Each system call of a
@@ -1192,7 +1217,7 @@ class LocalBackend(Backend):
             checked = self._reads_on_loop and size <= SMALL_WRITE_MAX
             if checked:
                 self._check_writable(segments, key, exclusive)
-            cancelled = threading.Event()
+            cancelled = _Flag()
             try:
                 st = await asyncio.to_thread(
                     self._write_whole, segments, key, exclusive, head, xattr, cancelled, checked
@@ -1213,7 +1238,7 @@ class LocalBackend(Backend):
         exclusive: bool,
         data: list[bytes],
         xattr: bytes | None,
-        cancelled: threading.Event,
+        cancelled: _Flag,
         checked: bool,
     ) -> os.stat_result:
         if checked:  # _check_writable ran on the event loop
@@ -1337,7 +1362,7 @@ class LocalBackend(Backend):
         segments: list[str],
         key: str,
         exclusive: bool,
-        cancelled: threading.Event | None = None,
+        cancelled: _Flag | None = None,
     ) -> os.stat_result:
         """Make the temporary file durable and give it its name in the key's directory (made
         if missing), looked up now, right before the rename."""

@@ -173,9 +173,13 @@ class _Body:
         size = 0
         content = self.request.content
         while True:
-            chunk = content.read_nowait() or await self._wait_for_bytes()
+            chunk = content.read_nowait()
             if not chunk:
-                break
+                if content.is_eof():
+                    break  # all of it has arrived and been taken: no wait to arm
+                chunk = await self._wait_for_bytes()
+                if not chunk:
+                    break
             size += len(chunk)
             self.limits.check(size)  # raised mid-stream: the backend stores nothing
             if md5 is not None:
