@@ -577,6 +577,7 @@ class _TempFile:
         # A spare (``_Spares``): the size of the earlier object still in the file, whose
         # tail and attribute go when the file is sealed. None for a new file.
         self._stale = stale
+        self._leftover: str | None = None  # a replaced file for ``settle`` to remove
         # For a body spliced from a socket: the socket, then the pipe's read and write ends.
         self._source: tuple[int, int, int] | None = None
         self._lock = threading.Lock()
@@ -655,8 +656,9 @@ class _TempFile:
                 os.close(fd)
             self._source = None
 
-    def seal(self, xattr: bytes | None) -> None:
-        """Record the metadata and make the content durable, before the file gets its name."""
+    def seal(self, xattr: bytes | None, *, sync: bool = True) -> None:
+        """Record the metadata and make the content durable (or leave that to ``sync``),
+        before the file gets its name."""
         with self._lock:
             self._check()
             if self._stale is not None:  # a spare: nothing of the earlier object may remain
@@ -667,29 +669,49 @@ class _TempFile:
                         os.removexattr(self._fd, XATTR)
             if xattr is not None:
                 os.setxattr(self._fd, XATTR, xattr)
+            if sync:
+                os.fsync(self._fd)
+
+    def sync(self) -> None:
+        with self._lock:
+            self._check()
             os.fsync(self._fd)
 
     def install(
         self, parent_fd: int, name: str, key: str, exclusive: bool, spares: _Spares | None = None
     ) -> os.stat_result:
-        """Give the file the name ``name`` in ``parent_fd``; return its status. With
-        ``spares``, a file it replaces is kept there (or removed) rather than dropped by the
-        rename."""
+        """Give the file the name ``name`` in ``parent_fd``; return its status. ``settle``
+        must follow. With ``spares``, a file it replaces is kept there rather than dropped by
+        the rename (or left for ``settle`` to remove)."""
         with self._lock:
             self._check()
             if exclusive:
                 _rename_noreplace(self._dir_fd, self._name, parent_fd, name, key, is_dir=False)
-            elif spares is None or not spares.exchange(self._dir_fd, self._name, parent_fd, name):
-                os.rename(self._name, name, src_dir_fd=self._dir_fd, dst_dir_fd=parent_fd)
+            else:
+                replaced = False if spares is None else spares.exchange(
+                    self._dir_fd, self._name, parent_fd, name
+                )  # fmt: skip
+                if replaced is False:
+                    os.rename(self._name, name, src_dir_fd=self._dir_fd, dst_dir_fd=parent_fd)
+                elif replaced is not True:
+                    self._leftover = replaced
             self._finished = True
             try:
-                st = os.fstat(self._fd)
-                os.fsync(parent_fd)
+                return os.fstat(self._fd)
             finally:
                 self._close_source()
                 os.close(self._fd)
-                os.close(self._dir_fd)
-            return st
+
+    def settle(self, parent_fd: int) -> None:
+        """After ``install``: make the name durable (``fsync`` of its directory), remove the
+        file it replaced if that was not kept, and close the temporary folder."""
+        try:
+            os.fsync(parent_fd)
+            if self._leftover is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._leftover, dir_fd=self._dir_fd)
+        finally:
+            os.close(self._dir_fd)
 
     def discard(self) -> None:
         with self._lock:
@@ -733,10 +755,12 @@ class _Spares:
         self._lock = threading.Lock()
         self.enabled = _renameat2 is not None
 
-    def exchange(self, tmp: int, name: str, parent_fd: int, target: str) -> bool:
+    def exchange(self, tmp: int, name: str, parent_fd: int, target: str) -> bool | str:
         """Install ``tmp/name`` as ``target`` in ``parent_fd`` by exchanging it with the file
-        there, which is then kept as a spare (or removed); return False if there was nothing
-        to exchange with (or exchanges are unsupported), for the caller to rename."""
+        there, which is then kept as a spare; return True, or the name in ``tmp`` of a file not
+        kept, for the caller to remove (outside the event loop: freeing a large file waits
+        for the disk), or False if there was nothing to exchange with (or exchanges are
+        unsupported), for the caller to rename."""
         if not self.enabled or _renameat2 is None:
             return False
         src, dst = os.fsencode(name), os.fsencode(target)
@@ -755,9 +779,7 @@ class _Spares:
                 code = ctypes.get_errno()
                 raise OSError(code, os.strerror(code), target)
             raise IsADirectoryError(errno.EISDIR, "is a directory", target)
-        if not self._keep(tmp, name, st):
-            os.unlink(name, dir_fd=tmp)
-        return True
+        return True if self._keep(tmp, name, st) else name
 
     def _keep(self, tmp: int, name: str, st: os.stat_result) -> bool:
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > SMALL_WRITE_MAX:
@@ -773,11 +795,17 @@ class _Spares:
             self._names.append((time.monotonic(), name))
         return True
 
+    def ready(self) -> bool:
+        """Whether a spare is there to take (no system call: a hint for ``take``)."""
+        names = self._names
+        return bool(names) and time.monotonic() - names[0][0] >= SPARE_MIN_AGE
+
     def take(self, tmp: int) -> _TempFile | None:
         """Given this instance's temporary folder (owned by the result), return a spare ready
-        to be written over, or None (the caller keeps ``tmp``)."""
+        to be written over, or None (the caller keeps ``tmp``). Makes no call that waits for
+        the disk: the event loop may call it. A spare open elsewhere waits its turn again."""
         with self._lock:
-            if not self._names or time.monotonic() - self._names[0][0] < SPARE_MIN_AGE:
+            if not self.ready():
                 return None
             _, name = self._names.popleft()
         try:
@@ -792,8 +820,12 @@ class _Spares:
             os.close(fd)
             raise
         os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(name, dir_fd=tmp)
+        if self.enabled and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+            with self._lock:  # open elsewhere: again once SPARE_MIN_AGE has passed
+                self._names.append((time.monotonic(), name))
+        else:  # where leases are refused, spares end: a small file, freed at once
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=tmp)
         return None
 
     def _unopened(self, fd: int) -> bool:
@@ -905,6 +937,13 @@ def _open_temp(tmp: int) -> _TempFile:
         os.close(tmp)
         raise
     return _TempFile(tmp, name, fd)
+
+
+def _settle(temp: _TempFile, parent: int) -> None:
+    try:
+        temp.settle(parent)
+    finally:
+        os.close(parent)
 
 
 def _retrieve(future: asyncio.Future[None]) -> None:
@@ -1217,6 +1256,10 @@ class LocalBackend(Backend):
             checked = self._reads_on_loop and size <= SMALL_WRITE_MAX
             if checked:
                 self._check_writable(segments, key, exclusive)
+                spare = self._take_spare()
+                if spare is not None:
+                    st = await self._write_over_spare(spare, segments, key, exclusive, head, xattr)
+                    return _file_info(key, st, content_type, metadata)
             cancelled = _Flag()
             try:
                 st = await asyncio.to_thread(
@@ -1241,10 +1284,8 @@ class LocalBackend(Backend):
         cancelled: _Flag,
         checked: bool,
     ) -> os.stat_result:
-        if checked:  # _check_writable ran on the event loop
-            tmp = self._open_dir(self._tmp_segments, TMP_DIR)
-            spare = None if self._spares is None else self._spares.take(tmp)
-            temp = spare if spare is not None else _open_temp(tmp)
+        if checked:  # _check_writable ran on the event loop (and found no spare ready)
+            temp = _open_temp(self._open_dir(self._tmp_segments, TMP_DIR))
         else:
             temp = self._begin_write(segments, key, exclusive)
         try:
@@ -1371,14 +1412,70 @@ class LocalBackend(Backend):
         temp.seal(xattr)
         if cancelled is not None and cancelled.is_set():
             raise _WriteCancelled  # the last moment to drop it: the rename below commits
+        return self._install(temp, segments, key, exclusive)
+
+    def _install(
+        self, temp: _TempFile, segments: list[str], key: str, exclusive: bool
+    ) -> os.stat_result:
+        """Give a sealed temporary file its name in the key's directory (made if missing),
+        looked up now, right before the rename, and make that durable."""
         try:
             parent = self._open_dir(segments[:-1], key)  # no mkdir attempts where it exists
         except FileNotFoundError:
             parent = self._open_dir(segments[:-1], key, create=True)
         try:
-            return temp.install(parent, segments[-1], key, exclusive, self._spares)
+            st = temp.install(parent, segments[-1], key, exclusive, self._spares)
+            temp.settle(parent)
+            return st
         finally:
             os.close(parent)
+
+    def _take_spare(self) -> _TempFile | None:
+        """A spare to write over, if one is ready (on the event loop: no call waits for the
+        disk, and none is made when no spare is ready)."""
+        if self._spares is None or not self._spares.ready():
+            return None
+        tmp = self._open_dir(self._tmp_segments, TMP_DIR)
+        temp = self._spares.take(tmp)
+        if temp is None:
+            os.close(tmp)
+        return temp
+
+    async def _write_over_spare(
+        self,
+        temp: _TempFile,
+        segments: list[str],
+        key: str,
+        exclusive: bool,
+        data: list[bytes],
+        xattr: bytes | None,
+    ) -> os.stat_result:
+        """A small write into a spare: what only touches the kernel's caches (writing over
+        the spare's pages, its attribute, the lookup of the key's directory, the exchange)
+        runs on the event loop; the two ``fsync`` calls, in worker threads. A worker thread's
+        every system call contends with the event loop for the GIL: two calls there instead
+        of a dozen."""
+        try:
+            temp.append(data, writeback=False)
+            temp.seal(xattr, sync=False)
+            await asyncio.to_thread(temp.sync)
+            try:
+                parent = self._open_dir(segments[:-1], key)
+            except FileNotFoundError:  # its directory is to be made: the rest in a thread
+                install = asyncio.to_thread(self._install, temp, segments, key, exclusive)
+                return await asyncio.shield(install)
+            try:
+                st = temp.install(parent, segments[-1], key, exclusive, self._spares)
+            except BaseException:
+                os.close(parent)
+                raise
+        except BaseException:
+            # On cancellation too; discard() waits for a call still running in its thread.
+            await asyncio.shield(asyncio.to_thread(temp.discard))
+            raise
+        # Named: the directory's fsync runs to its end even if this task is cancelled.
+        await asyncio.shield(asyncio.to_thread(_settle, temp, parent))
+        return st
 
     # -- listings ----------------------------------------------------------------------------
 

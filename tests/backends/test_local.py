@@ -637,15 +637,89 @@ async def test_a_replaced_small_file_becomes_the_next_writes_file(
     assert spare_files(store) == [] and temp_files(store) == []
 
 
+def _spy_trips(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the functions the event loop hands to worker threads, in order."""
+    trips: list[str] = []
+    loop = asyncio.get_running_loop()
+    run_in_executor = loop.run_in_executor
+
+    def spy(executor: Any, func: Callable[..., Any], *args: Any) -> Any:
+        # asyncio.to_thread hands over partial(context.run, function, ...): name the function
+        called = func.args[0] if isinstance(func, functools.partial) and func.args else func
+        trips.append(getattr(called, "__name__", repr(called)))
+        return run_in_executor(executor, func, *args)
+
+    monkeypatch.setattr(loop, "run_in_executor", spy)
+    return trips
+
+
+async def test_a_write_over_a_spare_hands_only_its_two_fsyncs_to_threads(
+    store: LocalBackend, spares: local_module._Spares, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await put(store, "s/a", b"first")
+    await put(store, "s/a", b"second")
+    trips = _spy_trips(monkeypatch)
+    await put(store, "s/b", b"over the spare", content_type="text/plain")
+    assert trips == ["sync", "_settle"]
+    await put(store, "s/new/dir/k", b"x")  # no spare ready: the whole write in one trip
+    assert trips == ["sync", "_settle", "_write_whole"]
+    assert await get(store, "s/b") == b"over the spare"
+    assert (await store.info("s/b")).content_type == "text/plain"
+    assert temp_files(store) == []
+
+
+async def test_a_write_over_a_spare_makes_a_missing_directory(
+    store: LocalBackend, spares: local_module._Spares
+) -> None:
+    await put(store, "s/a", b"first")
+    await put(store, "s/a", b"second")
+    inode = spare_files(store)[0].stat().st_ino
+    await put(store, "s/new/dir/k", b"in a new directory")
+    assert os.stat(base(store) / "s/new/dir/k").st_ino == inode
+    assert await get(store, "s/new/dir/k") == b"in a new directory"
+    assert spare_files(store) == [] and temp_files(store) == []
+
+
+async def test_a_cancelled_write_over_a_spare_leaves_nothing_and_keeps_the_old_object(
+    store: LocalBackend, spares: local_module._Spares, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await put(store, "s/b", b"old b")
+    await put(store, "s/a", b"first")
+    await put(store, "s/a", b"second")
+    assert len(spare_files(store)) == 1
+    entered, release = threading.Event(), threading.Event()
+    sync = local_module._TempFile.sync
+
+    def slow_sync(temp: Any) -> None:
+        entered.set()
+        release.wait(5)
+        sync(temp)
+
+    monkeypatch.setattr(local_module._TempFile, "sync", slow_sync)
+    write = asyncio.create_task(put(store, "s/b", b"never"))
+    assert await asyncio.to_thread(entered.wait, 5)
+    write.cancel()
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await write
+    assert await get(store, "s/b") == b"old b"
+    assert spare_files(store) == [] and temp_files(store) == []
+
+
 async def test_a_spare_open_elsewhere_is_not_written_over(
     store: LocalBackend, spares: local_module._Spares
 ) -> None:
     await put(store, "s/a", b"old " * 1000)
     with open(base(store) / "s/a", "rb") as reader:  # e.g. a backup reading the old version
+        inode = os.fstat(reader.fileno()).st_ino
         await put(store, "s/a", b"new")
         await put(store, "s/b", b"other")
-        assert os.stat(base(store) / "s/b").st_ino != os.fstat(reader.fileno()).st_ino
+        assert os.stat(base(store) / "s/b").st_ino != inode
         assert reader.read() == b"old " * 1000
+        assert [p.stat().st_ino for p in spare_files(store)] == [inode]  # its turn comes again
+    await put(store, "s/c", b"later")  # closed now: written over
+    assert os.stat(base(store) / "s/c").st_ino == inode
+    assert [await get(store, k) for k in ("s/a", "s/b", "s/c")] == [b"new", b"other", b"later"]
     assert spare_files(store) == [] and temp_files(store) == []
 
 
