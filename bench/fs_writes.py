@@ -7,7 +7,15 @@ disk's flush rate that bounds small uploads?
   ``O_NOFOLLOW`` (three times), a temporary file in a folder of its own, ``setxattr``,
   ``fsync``, a cross-directory rename, ``fsync`` of the destination directory;
 - ``tmpfile``: an unnamed ``O_TMPFILE`` in the destination directory, given its name with
-  ``linkat`` (or a same-directory rename over an existing object).
+  ``linkat`` (or a same-directory rename over an existing object);
+- ``spare``: the local backend's sequence since it keeps replaced files: the body written over
+  a spare (a file an earlier write replaced), ``fsync``, ``renameat2(RENAME_EXCHANGE)`` with
+  the object, ``fsync`` of the directory; the replaced file becomes the next spare. No inode
+  or block is freed or allocated once every key exists.
+
+Each writer overwrites ``--keys`` keys per thread in turn: with fewer keys than writes, most
+writes replace an object, which is where the sequences differ (on ext4 without a journal,
+freeing an inode and its blocks and allocating new ones cost more than the flushes).
 
 Each runs ``--threads`` threads for ``--seconds``, after ``--rest`` seconds of quiet, in
 ``--rounds`` rounds whose order rotates (a throttled virtual disk gives a burst to whichever
@@ -41,9 +49,14 @@ def _linkat(fd: int, dir_fd: int, name: str) -> None:
         raise OSError(number, os.strerror(number), name)
 
 
+_RENAME_EXCHANGE = 2
+
+
 class Writers:
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, keys: int = 1000) -> None:
         self.base = base
+        self.keys = keys
+        self.spares: dict[int, list[str]] = {}
         for folder in ("tmp", "obj/a/b"):
             (base / folder).mkdir(parents=True, exist_ok=True)
 
@@ -62,13 +75,13 @@ class Writers:
         os.write(fd, PAYLOAD)
         os.fsync(fd)
         os.close(fd)
-        os.rename(temp, folder / f"p{thread}-{number % 1000}")
+        os.rename(temp, folder / f"p{thread}-{number % self.keys}")
         directory = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         os.fsync(directory)
         os.close(directory)
 
     def gateway(self, thread: int, number: int) -> None:
-        name = f"g{thread}-{number % 1000}"
+        name = f"g{thread}-{number % self.keys}"
         check = self._walk(["obj", "a", "b"])
         with contextlib.suppress(FileNotFoundError):
             os.stat(name, dir_fd=check, follow_symlinks=False)
@@ -88,7 +101,7 @@ class Writers:
             os.close(descriptor)
 
     def tmpfile(self, thread: int, number: int) -> None:
-        name = f"f{thread}-{number % 1000}"
+        name = f"f{thread}-{number % self.keys}"
         parent = self._walk(["obj", "a", "b"])
         try:
             os.stat(name, dir_fd=parent, follow_symlinks=False)
@@ -108,6 +121,30 @@ class Writers:
         os.fsync(parent)
         os.close(fd)
         os.close(parent)
+
+    def spare(self, thread: int, number: int) -> None:
+        name = f"s{thread}-{number % self.keys}"
+        spares = self.spares.setdefault(thread, [])
+        tmp = self._walk(["tmp"])
+        if spares:
+            temp = spares.pop()
+            fd = os.open(temp, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=tmp)
+        else:
+            temp = secrets.token_hex(16) + ".tmp"
+            flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+            fd = os.open(temp, flags, 0o666, dir_fd=tmp)
+        os.pwrite(fd, PAYLOAD, 0)
+        os.setxattr(fd, "user.bench", b'{"c":"x"}')
+        os.fsync(fd)
+        parent = self._walk(["obj", "a", "b"])
+        src, dst = temp.encode(), name.encode()
+        if _libc.renameat2(tmp, src, parent, dst, _RENAME_EXCHANGE) == 0:
+            spares.append(temp)  # the replaced file, now under the temporary name
+        else:
+            os.rename(temp, name, src_dir_fd=tmp, dst_dir_fd=parent)
+        os.fsync(parent)
+        for descriptor in (fd, tmp, parent):
+            os.close(descriptor)
 
 
 def rate(write: Callable[[int, int], None], threads: int, seconds: float) -> float:
@@ -137,15 +174,16 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--rest", type=float, default=8.0)
     parser.add_argument("--threads", type=int, default=32)
+    parser.add_argument("--keys", type=int, default=100, help="keys per thread (overwritten)")
     args = parser.parse_args()
     base = args.dir / "fs-writes"
     shutil.rmtree(base, ignore_errors=True)
-    writers = Writers(base)
-    names = ["plain", "gateway", "tmpfile"]
+    writers = Writers(base, args.keys)
+    names = ["plain", "gateway", "tmpfile", "spare"]
     results: dict[str, list[float]] = {name: [] for name in names}
     try:
         for number in range(args.rounds):
-            order = names[number % 3 :] + names[: number % 3]
+            order = names[number % len(names) :] + names[: number % len(names)]
             for name in order:
                 time.sleep(args.rest)
                 ops = rate(getattr(writers, name), args.threads, args.seconds)
