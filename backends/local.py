@@ -52,7 +52,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Final, cast
+from typing import Any, Final, TypeVar, cast
 
 from ._metadata import normalise_metadata
 from .base import (
@@ -68,6 +68,8 @@ from .base import (
     close_when_idle,
     same_version,
 )
+
+_T = TypeVar("_T")
 
 CHUNK_SIZE: Final = 1024 * 1024
 """Writes are buffered, and reads are cut, to this size: one thread hop per megabyte."""
@@ -569,15 +571,18 @@ class _TempFile:
     waits for a write already running in a worker thread, then closes and removes the file.
     """
 
-    def __init__(self, dir_fd: int, name: str, fd: int, stale: int | None = None) -> None:
+    def __init__(
+        self, dir_fd: int, name: str, fd: int, stale: os.stat_result | None = None
+    ) -> None:
         self._dir_fd = dir_fd
         self._name = name
         self._fd = fd
         self._size = 0
-        # A spare (``_Spares``): the size of the earlier object still in the file, whose
+        # A spare (``_Spares``): the status of the earlier object still in the file, whose
         # tail and attribute go when the file is sealed. None for a new file.
         self._stale = stale
-        self._leftover: str | None = None  # a replaced file for ``settle`` to remove
+        # The file this one replaced (``install``), for ``settle`` to keep or remove.
+        self._replaced: tuple[str, os.stat_result] | None = None
         # For a body spliced from a socket: the socket, then the pipe's read and write ends.
         self._source: tuple[int, int, int] | None = None
         self._lock = threading.Lock()
@@ -656,25 +661,23 @@ class _TempFile:
                 os.close(fd)
             self._source = None
 
-    def seal(self, xattr: bytes | None, *, sync: bool = True) -> None:
-        """Record the metadata and make the content durable (or leave that to ``sync``),
-        before the file gets its name."""
+    def seal(self, xattr: bytes | None) -> None:
+        """Record the metadata and make the content durable, before the file gets its name."""
         with self._lock:
             self._check()
-            if self._stale is not None:  # a spare: nothing of the earlier object may remain
-                if self._stale > self._size:
+            stale = self._stale
+            if stale is not None:  # a spare: nothing of the earlier object may remain
+                if stale.st_size > self._size:
                     os.ftruncate(self._fd, self._size)
                 if xattr is None:
                     with contextlib.suppress(OSError):  # ENODATA: it had none
                         os.removexattr(self._fd, XATTR)
+                # A new modification time, later than the earlier object's even for an empty
+                # body (no write) or a clock set back: with the inode, it makes the ETag.
+                moment = max(time.time_ns(), stale.st_mtime_ns + 1)
+                os.utime(self._fd, ns=(moment, moment))
             if xattr is not None:
                 os.setxattr(self._fd, XATTR, xattr)
-            if sync:
-                os.fsync(self._fd)
-
-    def sync(self) -> None:
-        with self._lock:
-            self._check()
             os.fsync(self._fd)
 
     def install(
@@ -688,13 +691,13 @@ class _TempFile:
             if exclusive:
                 _rename_noreplace(self._dir_fd, self._name, parent_fd, name, key, is_dir=False)
             else:
-                replaced = False if spares is None else spares.exchange(
-                    self._dir_fd, self._name, parent_fd, name
-                )  # fmt: skip
-                if replaced is False:
+                replaced = None
+                if spares is not None:
+                    replaced = spares.exchange(self._dir_fd, self._name, parent_fd, name)
+                if replaced is None:
                     os.rename(self._name, name, src_dir_fd=self._dir_fd, dst_dir_fd=parent_fd)
-                elif replaced is not True:
-                    self._leftover = replaced
+                else:
+                    self._replaced = (self._name, replaced)
             self._finished = True
             try:
                 return os.fstat(self._fd)
@@ -702,14 +705,18 @@ class _TempFile:
                 self._close_source()
                 os.close(self._fd)
 
-    def settle(self, parent_fd: int) -> None:
-        """After ``install``: make the name durable (``fsync`` of its directory), remove the
-        file it replaced if that was not kept, and close the temporary folder."""
+    def settle(self, parent_fd: int, spares: _Spares | None = None) -> None:
+        """After ``install``: make the name durable (``fsync`` of its directory); then, and
+        only then, keep the file it replaced as a spare, or remove it; close the temporary
+        folder. (Were the replaced file reused before the directory is durable, a crash
+        could leave the key naming it, with another object's bytes in it.)"""
         try:
             os.fsync(parent_fd)
-            if self._leftover is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._leftover, dir_fd=self._dir_fd)
+            if self._replaced is not None:
+                name, st = self._replaced
+                if spares is None or not spares.keep(self._dir_fd, name, st):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(name, dir_fd=self._dir_fd)
         finally:
             os.close(self._dir_fd)
 
@@ -747,7 +754,9 @@ class _Spares:
     - no descriptor, in any process, has it open: the kernel grants a write lease only then
       (``F_SETLEASE``, dropped at once). The gateway's own readers also check, once they hold
       a descriptor, that the file is still the one at the key (``_open_entry``).
-    Where exchange or leases are missing (other file systems), replaced files are removed.
+    A replaced file becomes a spare only once the exchange is durable (``settle``). Where
+    exchange or leases are missing (other file systems), replaced files are removed; when the
+    disk is full, spares are (``drop``).
     """
 
     def __init__(self) -> None:
@@ -755,14 +764,19 @@ class _Spares:
         self._lock = threading.Lock()
         self.enabled = _renameat2 is not None
 
-    def exchange(self, tmp: int, name: str, parent_fd: int, target: str) -> bool | str:
+    def exchange(self, tmp: int, name: str, parent_fd: int, target: str) -> os.stat_result | None:
         """Install ``tmp/name`` as ``target`` in ``parent_fd`` by exchanging it with the file
-        there, which is then kept as a spare; return True, or the name in ``tmp`` of a file not
-        kept, for the caller to remove (outside the event loop: freeing a large file waits
-        for the disk), or False if there was nothing to exchange with (or exchanges are
-        unsupported), for the caller to rename."""
+        there, which lands under ``tmp/name``; return that file's status (for ``keep``, once
+        the exchange is durable), or None if there was nothing to exchange with (or
+        exchanges are unsupported), for the caller to rename."""
         if not self.enabled or _renameat2 is None:
-            return False
+            return None
+        try:
+            there = os.stat(target, dir_fd=parent_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if stat.S_ISDIR(there.st_mode):  # fail as the rename over it would have
+            raise IsADirectoryError(errno.EISDIR, "is a directory", target)
         src, dst = os.fsencode(name), os.fsencode(target)
         if _renameat2(tmp, src, parent_fd, dst, _RENAME_EXCHANGE) != 0:
             code = ctypes.get_errno()
@@ -770,18 +784,19 @@ class _Spares:
                 self.enabled = False
             elif code != errno.ENOENT:
                 raise OSError(code, os.strerror(code), target)
-            return False
+            return None
         st = os.stat(name, dir_fd=tmp, follow_symlinks=False)
         if stat.S_ISDIR(st.st_mode):
-            # A directory took the key's place since the checks: put it back, and fail as
-            # the rename over it would have.
+            # A directory took the key's place since the look just above: put it back.
             if _renameat2(tmp, src, parent_fd, dst, _RENAME_EXCHANGE) != 0:
                 code = ctypes.get_errno()
                 raise OSError(code, os.strerror(code), target)
             raise IsADirectoryError(errno.EISDIR, "is a directory", target)
-        return True if self._keep(tmp, name, st) else name
+        return st
 
-    def _keep(self, tmp: int, name: str, st: os.stat_result) -> bool:
+    def keep(self, tmp: int, name: str, st: os.stat_result) -> bool:
+        """Keep ``tmp/name``, a replaced file of status ``st``, as a spare if it can be one
+        and there is room; say if it was kept."""
         if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > SMALL_WRITE_MAX:
             return False
         with self._lock:
@@ -794,6 +809,15 @@ class _Spares:
         with self._lock:
             self._names.append((time.monotonic(), name))
         return True
+
+    def drop(self, tmp: int) -> None:
+        """Remove every spare (the disk is full: they hold space)."""
+        with self._lock:
+            names = [name for _, name in self._names]
+            self._names.clear()
+        for name in names:
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=tmp)
 
     def ready(self) -> bool:
         """Whether a spare is there to take (no system call: a hint for ``take``)."""
@@ -810,12 +834,15 @@ class _Spares:
             _, name = self._names.popleft()
         try:
             fd = os.open(name, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=tmp)
-        except OSError:
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # e.g. out of descriptors: again later
+                with self._lock:
+                    self._names.append((time.monotonic(), name))
             return None
         try:
             st = os.fstat(fd)
             if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and self._unopened(fd):
-                return _TempFile(tmp, name, fd, stale=st.st_size)
+                return _TempFile(tmp, name, fd, stale=st)
         except BaseException:
             os.close(fd)
             raise
@@ -939,14 +966,30 @@ def _open_temp(tmp: int) -> _TempFile:
     return _TempFile(tmp, name, fd)
 
 
-def _settle(temp: _TempFile, parent: int) -> None:
+def _fill_and_seal(temp: _TempFile, data: list[bytes], xattr: bytes | None) -> None:
+    temp.append(data, writeback=False)  # the fsync follows at once
+    temp.seal(xattr)
+
+
+def _settle(temp: _TempFile, parent: int, spares: _Spares | None) -> None:
     try:
-        temp.settle(parent)
+        temp.settle(parent, spares)
     finally:
         os.close(parent)
 
 
-def _retrieve(future: asyncio.Future[None]) -> None:
+async def _to_the_end(function: Callable[..., _T], *args: Any) -> _T:
+    """Run ``function(*args)`` in a worker thread to its end, even if this task is cancelled
+    meanwhile (what it does must not be left half done)."""
+    future = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        future.add_done_callback(_retrieve)
+        raise
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
     """Mark the outcome of a write nobody awaits any more as seen (no "never retrieved")."""
     if not future.cancelled():
         future.exception()
@@ -1028,8 +1071,12 @@ class LocalBackend(Backend):
         try:
             for _ in range(_OPEN_ATTEMPTS):
                 fd, st = _open_in(parent, segments[-1], key)
-                if not stat.S_ISREG(st.st_mode) or _still_at(parent, segments[-1], st):
-                    return fd, st
+                try:
+                    if not stat.S_ISREG(st.st_mode) or _still_at(parent, segments[-1], st):
+                        return fd, st
+                except BaseException:
+                    os.close(fd)
+                    raise
                 os.close(fd)  # replaced meanwhile: open what is there now
         finally:
             os.close(parent)
@@ -1103,10 +1150,16 @@ class LocalBackend(Backend):
     async def close(self) -> None:
         await asyncio.to_thread(self._close)
 
-    def _close(self) -> None:
-        base, self._base = self._base, None  # the last operation has ended: none uses it now
+    def __del__(self) -> None:
+        # Not in close(): a worker thread that outlived its cancelled request may still look
+        # a key up, and a descriptor number closed under it could name another directory by
+        # then. Nothing refers to this backend any more here.
+        base, self._base = getattr(self, "_base", None), None
         if base is not None:
-            os.close(base)
+            with contextlib.suppress(OSError):
+                os.close(base)
+
+    def _close(self) -> None:
         lock, self._tmp_lock = self._tmp_lock, None
         if lock is None:
             return
@@ -1239,6 +1292,29 @@ class LocalBackend(Backend):
         content_type: str | None = None,
         metadata: Mapping[str, str] | None = None,
         exclusive: bool = False,
+    ) -> Info:
+        try:
+            return await self._write_body(key, chunks, content_type, metadata, exclusive)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC and self._spares is not None:
+                await asyncio.to_thread(self._drop_spares)  # the next write may fit
+            raise
+
+    def _drop_spares(self) -> None:
+        if self._spares is not None:
+            tmp = self._open_dir(self._tmp_segments, TMP_DIR)
+            try:
+                self._spares.drop(tmp)
+            finally:
+                os.close(tmp)
+
+    async def _write_body(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        content_type: str | None,
+        metadata: Mapping[str, str] | None,
+        exclusive: bool,
     ) -> Info:
         # A body that ends within the first CHUNK_SIZE bytes is written in one trip to a
         # worker thread (check, temporary file, write, fsync, rename, fsync); a longer one
@@ -1425,18 +1501,31 @@ class LocalBackend(Backend):
             parent = self._open_dir(segments[:-1], key, create=True)
         try:
             st = temp.install(parent, segments[-1], key, exclusive, self._spares)
-            temp.settle(parent)
+            temp.settle(parent, self._spares)
             return st
         finally:
             os.close(parent)
 
+    def _install_or_discard(
+        self, temp: _TempFile, segments: list[str], key: str, exclusive: bool
+    ) -> os.stat_result:
+        try:
+            return self._install(temp, segments, key, exclusive)
+        except BaseException:
+            temp.discard()
+            raise
+
     def _take_spare(self) -> _TempFile | None:
-        """A spare to write over, if one is ready (on the event loop: no call waits for the
-        disk, and none is made when no spare is ready)."""
+        """A spare to write over, if one is ready (on the event loop: lookups and an open in
+        the kernel's caches; none is made when no spare is ready)."""
         if self._spares is None or not self._spares.ready():
             return None
         tmp = self._open_dir(self._tmp_segments, TMP_DIR)
-        temp = self._spares.take(tmp)
+        try:
+            temp = self._spares.take(tmp)
+        except BaseException:
+            os.close(tmp)
+            raise
         if temp is None:
             os.close(tmp)
         return temp
@@ -1450,31 +1539,31 @@ class LocalBackend(Backend):
         data: list[bytes],
         xattr: bytes | None,
     ) -> os.stat_result:
-        """A small write into a spare: what only touches the kernel's caches (writing over
-        the spare's pages, its attribute, the lookup of the key's directory, the exchange)
-        runs on the event loop; the two ``fsync`` calls, in worker threads. A worker thread's
-        every system call contends with the event loop for the GIL: two calls there instead
-        of a dozen."""
+        """A small write into a spare, in two worker-thread trips: the body, attribute and
+        ``fsync``; then, after the lookup of the key's directory and the exchange, made here
+        on the event loop (a worker thread's every system call contends with the event loop
+        for the GIL), the directory's ``fsync``. Freeing a tail, reading a page back, waiting
+        on dirty pages: what may wait for the disk stays in the threads."""
+        parent = None
         try:
-            temp.append(data, writeback=False)
-            temp.seal(xattr, sync=False)
-            await asyncio.to_thread(temp.sync)
+            await asyncio.to_thread(_fill_and_seal, temp, data, xattr)
             try:
                 parent = self._open_dir(segments[:-1], key)
-            except FileNotFoundError:  # its directory is to be made: the rest in a thread
-                install = asyncio.to_thread(self._install, temp, segments, key, exclusive)
-                return await asyncio.shield(install)
-            try:
-                st = temp.install(parent, segments[-1], key, exclusive, self._spares)
-            except BaseException:
-                os.close(parent)
-                raise
+            except FileNotFoundError:
+                pass  # its directory is to be made: in the thread below
+            else:
+                try:
+                    st = temp.install(parent, segments[-1], key, exclusive, self._spares)
+                except BaseException:
+                    os.close(parent)
+                    raise
         except BaseException:
             # On cancellation too; discard() waits for a call still running in its thread.
             await asyncio.shield(asyncio.to_thread(temp.discard))
             raise
-        # Named: the directory's fsync runs to its end even if this task is cancelled.
-        await asyncio.shield(asyncio.to_thread(_settle, temp, parent))
+        if parent is None:
+            return await _to_the_end(self._install_or_discard, temp, segments, key, exclusive)
+        await _to_the_end(_settle, temp, parent, self._spares)
         return st
 
     # -- listings ----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import functools
 import hashlib
 import json
 import os
+import stat
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -660,9 +661,9 @@ async def test_a_write_over_a_spare_hands_only_its_two_fsyncs_to_threads(
     await put(store, "s/a", b"second")
     trips = _spy_trips(monkeypatch)
     await put(store, "s/b", b"over the spare", content_type="text/plain")
-    assert trips == ["sync", "_settle"]
+    assert trips == ["_fill_and_seal", "_settle"]
     await put(store, "s/new/dir/k", b"x")  # no spare ready: the whole write in one trip
-    assert trips == ["sync", "_settle", "_write_whole"]
+    assert trips == ["_fill_and_seal", "_settle", "_write_whole"]
     assert await get(store, "s/b") == b"over the spare"
     assert (await store.info("s/b")).content_type == "text/plain"
     assert temp_files(store) == []
@@ -688,14 +689,14 @@ async def test_a_cancelled_write_over_a_spare_leaves_nothing_and_keeps_the_old_o
     await put(store, "s/a", b"second")
     assert len(spare_files(store)) == 1
     entered, release = threading.Event(), threading.Event()
-    sync = local_module._TempFile.sync
+    seal = local_module._TempFile.seal
 
-    def slow_sync(temp: Any) -> None:
+    def slow_seal(temp: Any, xattr: bytes | None) -> None:
         entered.set()
         release.wait(5)
-        sync(temp)
+        seal(temp, xattr)
 
-    monkeypatch.setattr(local_module._TempFile, "sync", slow_sync)
+    monkeypatch.setattr(local_module._TempFile, "seal", slow_seal)
     write = asyncio.create_task(put(store, "s/b", b"never"))
     assert await asyncio.to_thread(entered.wait, 5)
     write.cancel()
@@ -703,6 +704,71 @@ async def test_a_cancelled_write_over_a_spare_leaves_nothing_and_keeps_the_old_o
     with pytest.raises(asyncio.CancelledError):
         await write
     assert await get(store, "s/b") == b"old b"
+    assert spare_files(store) == [] and temp_files(store) == []
+
+
+async def test_a_replaced_file_becomes_a_spare_only_once_the_exchange_is_durable(
+    store: LocalBackend, spares: local_module._Spares, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await put(store, "s/a", b"first")
+    fsync = os.fsync
+    queued_at_directory_fsync: list[int] = []
+
+    def watching(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            queued_at_directory_fsync.append(len(spares._names))
+        fsync(fd)
+
+    monkeypatch.setattr(local_module.os, "fsync", watching)
+    await put(store, "s/a", b"second")
+    assert queued_at_directory_fsync == [0]  # not yet a spare when the directory is synced
+    assert len(spares._names) == 1
+    monkeypatch.undo()
+    # and when that fsync fails, the replaced file never becomes one
+    monkeypatch.setattr(local_module, "SPARE_MIN_AGE", 60.0)
+
+    def failing(fd: int) -> None:
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EIO, "injected")
+        fsync(fd)
+
+    monkeypatch.setattr(local_module.os, "fsync", failing)
+    with pytest.raises(OSError):
+        await put(store, "s/b", b"b")  # a new key: made, then its directory's fsync fails
+    with pytest.raises(OSError):
+        await put(store, "s/a", b"third")
+    assert len(spares._names) == 1  # only the one from before
+
+
+async def test_an_empty_object_over_an_empty_spare_gets_a_new_etag(
+    store: LocalBackend, spares: local_module._Spares
+) -> None:
+    await put(store, "s/a", b"")
+    first = await store.info("s/a")
+    inode = os.stat(base(store) / "s/a").st_ino
+    await put(store, "s/a", b"")
+    await put(store, "s/b", b"")  # over the first file: no byte written, no tail cut
+    assert os.stat(base(store) / "s/b").st_ino == inode
+    again = await store.info("s/b")
+    assert again.etag != first.etag
+    assert again.mtime >= first.mtime
+
+
+async def test_a_full_disk_drops_the_spares(
+    store: LocalBackend, spares: local_module._Spares, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(local_module, "SPARE_MIN_AGE", 60.0)
+    for number in range(3):
+        await put(store, f"s/{number}", b"v1")
+        await put(store, f"s/{number}", b"v2")
+    assert len(spare_files(store)) == 3
+
+    def full(temp: Any, chunks: list[bytes], *, writeback: bool = True) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(local_module._TempFile, "append", full)
+    with pytest.raises(OSError):
+        await put(store, "s/new", b"x")
     assert spare_files(store) == [] and temp_files(store) == []
 
 
