@@ -1156,7 +1156,7 @@ class LocalBackend(Backend):
         # then. Nothing refers to this backend any more here.
         base, self._base = getattr(self, "_base", None), None
         if base is not None:
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(Exception):  # OSError; or os half gone at exit
                 os.close(base)
 
     def _close(self) -> None:
