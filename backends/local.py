@@ -734,6 +734,12 @@ class _TempFile:
                 os.close(self._dir_fd)
 
 
+def _reusable(st: os.stat_result) -> bool:
+    """Whether a file of status ``st`` may be written over: a regular file with one link (a
+    hard link elsewhere would see the new bytes)."""
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+
+
 class _Spares:
     """Files of replaced small objects, kept to become the temporary files of later writes.
 
@@ -797,7 +803,7 @@ class _Spares:
     def keep(self, tmp: int, name: str, st: os.stat_result) -> bool:
         """Keep ``tmp/name``, a replaced file of status ``st``, as a spare if it can be one
         and there is room; say if it was kept."""
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_size > SMALL_WRITE_MAX:
+        if not _reusable(st) or st.st_size > SMALL_WRITE_MAX:
             return False
         with self._lock:
             if len(self._names) >= SPARES_MAX:
@@ -841,13 +847,13 @@ class _Spares:
             return None
         try:
             st = os.fstat(fd)
-            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and self._unopened(fd):
+            if _reusable(st) and self._unopened(fd):
                 return _TempFile(tmp, name, fd, stale=st)
         except BaseException:
             os.close(fd)
             raise
         os.close(fd)
-        if self.enabled and stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+        if self.enabled and _reusable(st):
             with self._lock:  # open elsewhere: again once SPARE_MIN_AGE has passed
                 self._names.append((time.monotonic(), name))
         else:  # where leases are refused, spares end: a small file, freed at once
@@ -1051,6 +1057,10 @@ class LocalBackend(Backend):
             os.close(fd)
             raise
         return fd
+
+    def _open_own_tmp(self) -> int:
+        """A descriptor of this instance's temporary folder."""
+        return self._open_dir(self._tmp_segments, TMP_DIR)
 
     def _lookup_dir(self, segments: list[str], key: str) -> int:
         """As ``_open_dir``, for a lookup: a file where a directory should be means "not found"."""
@@ -1293,16 +1303,22 @@ class LocalBackend(Backend):
         metadata: Mapping[str, str] | None = None,
         exclusive: bool = False,
     ) -> Info:
+        return await self._spares_go_when_full(
+            self._write_body(key, chunks, content_type, metadata, exclusive)
+        )
+
+    async def _spares_go_when_full(self, writing: Awaitable[Info]) -> Info:
+        """Await a write; if the disk was full, remove the spares (the next write may fit)."""
         try:
-            return await self._write_body(key, chunks, content_type, metadata, exclusive)
+            return await writing
         except OSError as exc:
             if exc.errno == errno.ENOSPC and self._spares is not None:
-                await asyncio.to_thread(self._drop_spares)  # the next write may fit
+                await asyncio.to_thread(self._drop_spares)
             raise
 
     def _drop_spares(self) -> None:
         if self._spares is not None:
-            tmp = self._open_dir(self._tmp_segments, TMP_DIR)
+            tmp = self._open_own_tmp()
             try:
                 self._spares.drop(tmp)
             finally:
@@ -1361,7 +1377,7 @@ class LocalBackend(Backend):
         checked: bool,
     ) -> os.stat_result:
         if checked:  # _check_writable ran on the event loop (and found no spare ready)
-            temp = _open_temp(self._open_dir(self._tmp_segments, TMP_DIR))
+            temp = _open_temp(self._open_own_tmp())
         else:
             temp = self._begin_write(segments, key, exclusive)
         try:
@@ -1402,7 +1418,8 @@ class LocalBackend(Backend):
             return []
 
         try:
-            return await self._write(key, fill, content_type, metadata, exclusive)
+            writing = self._write(key, fill, content_type, metadata, exclusive)
+            return await self._spares_go_when_full(writing)
         finally:
             if not attached:
                 os.close(body.fd)
@@ -1441,7 +1458,7 @@ class LocalBackend(Backend):
     def _begin_write(self, segments: list[str], key: str, exclusive: bool) -> _TempFile:
         """Refuse a write that cannot land before its body is read; open its temporary file."""
         self._check_writable(segments, key, exclusive)
-        return _open_temp(self._open_dir(self._tmp_segments, TMP_DIR))
+        return _open_temp(self._open_own_tmp())
 
     def _check_writable(self, segments: list[str], key: str, exclusive: bool) -> None:
         st = self._lstat(segments, key)
@@ -1520,7 +1537,7 @@ class LocalBackend(Backend):
         the kernel's caches; none is made when no spare is ready)."""
         if self._spares is None or not self._spares.ready():
             return None
-        tmp = self._open_dir(self._tmp_segments, TMP_DIR)
+        tmp = self._open_own_tmp()
         try:
             temp = self._spares.take(tmp)
         except BaseException:

@@ -52,7 +52,6 @@ _encode_record = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).enc
 AUDIT_PREFIX: Final = f"{SYSTEM_PREFIX}/audit"
 NULL_TENANT_SEGMENT: Final = "~"  # outside the tenant-id grammar: no tenant can collide
 CONCURRENCY: Final = 8
-PER_TENANT: Final = 1  # documents being written at once for one tenant
 MAX_PENDING: Final = 100_000
 MAX_BATCH: Final = 1000
 WAIT_BEFORE_RESPONSE: Final = 0.5
@@ -110,7 +109,7 @@ class AuditLog:
         self._writer: asyncio.Task[None] | None = None
         self._semaphore = asyncio.Semaphore(CONCURRENCY)
         self._writes: set[asyncio.Task[None]] = set()
-        self._writing: dict[str | None, int] = {}  # documents being written, per tenant
+        self._writing: set[str | None] = set()  # tenants whose document is being written
         self._written = asyncio.Event()  # set when a document write ends
         self.failures = 0
         self.dropped = 0
@@ -140,14 +139,14 @@ class AuditLog:
         while self._queued:
             started = False
             for tenant in list(self._queues):
-                if self._writing.get(tenant, 0) >= PER_TENANT:
+                if tenant in self._writing:
                     continue  # its records gather into one batch meanwhile
                 batch = self._queues[tenant][:MAX_BATCH]
                 del self._queues[tenant][: len(batch)]
                 if not self._queues[tenant]:
                     del self._queues[tenant]
                 self._queued -= len(batch)
-                self._writing[tenant] = self._writing.get(tenant, 0) + 1
+                self._writing.add(tenant)
                 await self._semaphore.acquire()
                 task = asyncio.create_task(self._write(tenant, batch), name="audit-write")
                 self._writes.add(task)
@@ -190,9 +189,7 @@ class AuditLog:
             )  # fmt: skip
         finally:
             self._semaphore.release()
-            left = self._writing.pop(tenant) - 1
-            if left:
-                self._writing[tenant] = left
+            self._writing.discard(tenant)
             self._written.set()
             for _, _, done in batch:
                 if not done.done():

@@ -188,10 +188,8 @@ async def test_reads_go_to_threads_on_a_file_system_that_is_not_a_local_disk(
         await backend.close()
 
 
-async def test_a_small_write_makes_one_trip_to_a_worker_thread(
-    store: LocalBackend, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The checks run on the event loop; the thread makes the file, fsyncs and renames it.
+def _spy_trips(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the functions the event loop hands to worker threads, in order."""
     trips: list[str] = []
     loop = asyncio.get_running_loop()
     run_in_executor = loop.run_in_executor
@@ -203,6 +201,14 @@ async def test_a_small_write_makes_one_trip_to_a_worker_thread(
         return run_in_executor(executor, func, *args)
 
     monkeypatch.setattr(loop, "run_in_executor", spy)
+    return trips
+
+
+async def test_a_small_write_makes_one_trip_to_a_worker_thread(
+    store: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The checks run on the event loop; the thread makes the file, fsyncs and renames it.
+    trips = _spy_trips(monkeypatch)
     await put(store, "tenants/acme/new/dir/k", b"first")  # its directories are made too
     await put(store, "tenants/acme/new/dir/k", b"second")
     assert trips == ["_write_whole", "_write_whole"]
@@ -644,22 +650,6 @@ async def test_a_replaced_small_file_becomes_the_next_writes_file(
     assert info.etag != first.etag
     assert await get(store, "s/a") == b"second"
     assert spare_files(store) == [] and temp_files(store) == []
-
-
-def _spy_trips(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The names of the functions the event loop hands to worker threads, in order."""
-    trips: list[str] = []
-    loop = asyncio.get_running_loop()
-    run_in_executor = loop.run_in_executor
-
-    def spy(executor: Any, func: Callable[..., Any], *args: Any) -> Any:
-        # asyncio.to_thread hands over partial(context.run, function, ...): name the function
-        called = func.args[0] if isinstance(func, functools.partial) and func.args else func
-        trips.append(getattr(called, "__name__", repr(called)))
-        return run_in_executor(executor, func, *args)
-
-    monkeypatch.setattr(loop, "run_in_executor", spy)
-    return trips
 
 
 async def test_a_write_over_a_spare_hands_only_its_two_fsyncs_to_threads(
