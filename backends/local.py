@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final, TypeVar, cast
 
+from . import _uring
 from ._metadata import normalise_metadata
 from .base import (
     DIRECTORY,
@@ -98,6 +99,7 @@ LOCK_NAME: Final = "lock"
 """In each process's temporary folder: the file it holds an ``flock`` on while it runs."""
 
 XATTR: Final = "user.gateway"
+_XATTR_NAME: Final = XATTR.encode() + b"\0"  # for io_uring: a C string
 """The extended attribute that holds an object's content type and user metadata."""
 
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -283,6 +285,11 @@ def _type_xattr(content_type: str | None) -> bytes | None:
 
 
 _encode_json: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_NO_TYPE_XATTR: Final = _encode_json({"content_type": None, "metadata": {}}).encode()
+# How long ago a spare's earlier object must have been written for a write over it by the
+# ring (which sets no explicit time) to be sure of a later modification time: many ticks of
+# the kernel's coarse clock. Spares wait SPARE_MIN_AGE anyway.
+_MTIME_MARGIN_NS: Final = 100_000_000
 
 
 def _read_xattr(fd: int) -> tuple[str | None, Mapping[str, str]]:
@@ -680,6 +687,37 @@ class _TempFile:
                 os.setxattr(self._fd, XATTR, xattr)
             os.fsync(self._fd)
 
+    def ring_seal(self, data: list[bytes], xattr: bytes | None) -> list[_uring.Op] | None:
+        """``append(data)`` and ``seal(xattr)`` of a small body over a spare as io_uring
+        operations, for ``sealed_by_ring`` to check; None where only ``seal`` can do it: an
+        empty body, or an earlier object modified less than ``_MTIME_MARGIN_NS`` ago (or
+        later: a clock set back). The write sets the modification time to the kernel's
+        clock, a little coarse, and it must come out later than the earlier object's, or
+        the ETag could come back. Its descriptor stays open until the chain has run."""
+        stale = self._stale
+        body = b"".join(data)
+        if stale is None or not body or time.time_ns() - stale.st_mtime_ns < _MTIME_MARGIN_NS:
+            return None
+        self._check()
+        ops = [_uring.write(self._fd, body)]
+        if stale.st_size > len(body):
+            ops.append(_uring.ftruncate(self._fd, len(body)))
+        # Replaced, never removed (io_uring has no such operation): an attribute of no content
+        # type and no metadata reads back as none.
+        value = _NO_TYPE_XATTR if xattr is None else xattr
+        ops.append(_uring.fsetxattr(self._fd, _XATTR_NAME, value))
+        ops.append(_uring.fsync(self._fd))
+        return ops
+
+    def sealed_by_ring(self, ops: list[_uring.Op], results: list[int]) -> bool:
+        """Whether the operations of ``ring_seal`` all succeeded (the file then holds the
+        body, sealed). If not, ``append`` and ``seal`` are to be made again, in a thread
+        (the ring's write left the file offset at 0): they raise what fails."""
+        if results[0] != ops[0].length or any(result != 0 for result in results[1:]):
+            return False
+        self._size = ops[0].length
+        return True
+
     def install(
         self, parent_fd: int, name: str, key: str, exclusive: bool, spares: _Spares | None = None
     ) -> os.stat_result:
@@ -712,13 +750,25 @@ class _TempFile:
         could leave the key naming it, with another object's bytes in it.)"""
         try:
             os.fsync(parent_fd)
-            if self._replaced is not None:
-                name, st = self._replaced
-                if spares is None or not spares.keep(self._dir_fd, name, st):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(name, dir_fd=self._dir_fd)
+            self.keep_replaced(spares)
         finally:
             os.close(self._dir_fd)
+
+    def replaced_small(self) -> bool:
+        """Whether ``keep_replaced`` frees no more than a small file (the event loop may)."""
+        return self._replaced is None or self._replaced[1].st_size <= SMALL_WRITE_MAX
+
+    def keep_replaced(self, spares: _Spares | None) -> None:
+        """The end of ``settle``, after the directory's ``fsync``: keep the replaced file as
+        a spare, or remove it. (The temporary folder stays open.)"""
+        if self._replaced is not None:
+            name, st = self._replaced
+            if spares is None or not spares.keep(self._dir_fd, name, st):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=self._dir_fd)
+
+    def close_folder(self) -> None:
+        os.close(self._dir_fd)
 
     def discard(self) -> None:
         with self._lock:
@@ -1016,14 +1066,16 @@ class LocalBackend(Backend):
     empty_directories = True
     atomic_moves = True
 
-    def __init__(self, base_path: str | os.PathLike[str]) -> None:
+    def __init__(self, base_path: str | os.PathLike[str], *, io_uring: bool = True) -> None:
         self.base_path = os.fspath(base_path)
+        self.io_uring = io_uring  # small writes over spares by io_uring, where it works
         self._tmp_segments = TMP_DIR.split("/")
         self._reads_on_loop = False  # set by start(): True on a local disk file system
         self._nowait = True  # set by start(): False where files live in memory
         self._tmp_lock: int | None = None
         self._spares: _Spares | None = None  # set by start(): on a local disk file system
         self._base: int | None = None  # set by start(): the base directory, kept open
+        self._ring: _uring.Ring | None = None  # set by start() where spares are on
 
     # Every method below named ``_x`` runs in a worker thread and closes what it opens.
 
@@ -1096,6 +1148,8 @@ class LocalBackend(Backend):
 
     async def start(self) -> None:
         await asyncio.to_thread(self._start)
+        if self.io_uring and self._spares is not None and self._ring is None:
+            self._ring = _uring.open_ring()  # small writes over spares: no worker threads
 
     def _start(self) -> None:
         try:
@@ -1158,6 +1212,9 @@ class LocalBackend(Backend):
         return folder
 
     async def close(self) -> None:
+        ring, self._ring = self._ring, None
+        if ring is not None:
+            await ring.close()
         await asyncio.to_thread(self._close)
 
     def __del__(self) -> None:
@@ -1556,14 +1613,27 @@ class LocalBackend(Backend):
         data: list[bytes],
         xattr: bytes | None,
     ) -> os.stat_result:
-        """A small write into a spare, in two worker-thread trips: the body, attribute and
-        ``fsync``; then, after the lookup of the key's directory and the exchange, made here
-        on the event loop (a worker thread's every system call contends with the event loop
-        for the GIL), the directory's ``fsync``. Freeing a tail, reading a page back, waiting
-        on dirty pages: what may wait for the disk stays in the threads."""
+        """A small write into a spare in two steps that may wait for the disk: the body,
+        attribute and ``fsync``; then, after the lookup of the key's directory and the
+        exchange, made here on the event loop, the directory's ``fsync``. Both steps go to
+        the io_uring ring where there is one (a worker thread's every system call contends
+        with the event loop for the GIL, and under load that costs more than the write),
+        else to worker threads; a step the ring could not finish is made again by a thread,
+        which raises what fails."""
         parent = None
+        ring = self._ring
+        chain = None
         try:
-            await asyncio.to_thread(_fill_and_seal, temp, data, xattr)
+            ops = temp.ring_seal(data, xattr) if ring is not None else None
+            if ring is not None and ops is not None and ring.usable(len(ops)):
+                with contextlib.suppress(OSError):  # the kernel took none: threads do it
+                    chain = ring.run(ops)
+            sealed = False
+            if ops is not None and chain is not None:
+                # Shielded: were the chain's future cancelled, its end could not be told.
+                sealed = temp.sealed_by_ring(ops, await asyncio.shield(chain))
+            if not sealed:
+                await asyncio.to_thread(_fill_and_seal, temp, data, xattr)
             try:
                 parent = self._open_dir(segments[:-1], key)
             except FileNotFoundError:
@@ -1575,13 +1645,40 @@ class LocalBackend(Backend):
                     os.close(parent)
                     raise
         except BaseException:
-            # On cancellation too; discard() waits for a call still running in its thread.
-            await asyncio.shield(asyncio.to_thread(temp.discard))
+            # On cancellation too; discard() waits for a call still running in its thread,
+            # and for a chain still in the ring: a linked operation looks its descriptor up
+            # only when it runs, and the number, closed, could name another file by then.
+            if chain is not None and not chain.done():
+                chain.add_done_callback(lambda _: temp.discard())
+            else:
+                await asyncio.shield(asyncio.to_thread(temp.discard))
             raise
         if parent is None:
             return await _to_the_end(self._install_or_discard, temp, segments, key, exclusive)
-        await _to_the_end(_settle, temp, parent, self._spares)
+        if ring is not None and ring.usable(1):
+            settling = asyncio.ensure_future(self._settle_on_ring(ring, temp, parent))
+            try:
+                await asyncio.shield(settling)
+            except asyncio.CancelledError:
+                settling.add_done_callback(_retrieve)
+                raise
+        else:
+            await _to_the_end(_settle, temp, parent, self._spares)
         return st
+
+    async def _settle_on_ring(self, ring: _uring.Ring, temp: _TempFile, parent: int) -> None:
+        """``_settle``, the directory's ``fsync`` made by the ring."""
+        try:
+            (result,) = await ring.run([_uring.fsync(parent)])
+            if result < 0:
+                raise OSError(-result, os.strerror(-result))
+            if temp.replaced_small():
+                temp.keep_replaced(self._spares)
+            else:
+                await asyncio.to_thread(temp.keep_replaced, self._spares)
+        finally:
+            temp.close_folder()
+            os.close(parent)
 
     # -- listings ----------------------------------------------------------------------------
 

@@ -227,7 +227,9 @@ def make_backend(config: Config) -> Backend:
     kind = config["storage.type"]
     cls = backend_class(kind)
     if kind == "local":
-        return cls(config["storage.local.base-path"])  # type: ignore[call-arg]
+        return cls(  # type: ignore[call-arg]
+            config["storage.local.base-path"], io_uring=config["storage.local.io-uring"]
+        )
     if kind == "s3":
         return cls(  # type: ignore[call-arg]
             config["storage.s3.bucket"],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -12,7 +13,7 @@ import sys
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 import click
 from aiohttp import web
@@ -68,6 +69,7 @@ async def _serve(
     try:
         site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         await site.start()
+        _settle_heap()
         for address in runner.addresses:
             click.echo(f"serving on http://{_url_host(address[0])}:{address[1]}", err=True)
         stop = asyncio.Event()
@@ -82,6 +84,20 @@ async def _serve(
             click.echo(f"stopping: aborting {app[IN_FLIGHT].count} request(s)", err=True)
     finally:
         await runner.cleanup()
+
+
+# The young generation's collection threshold while serving (CPython's default: 700). Each
+# request leaves a few hundred container objects; collecting every 700 allocations spent
+# about 2% of a small upload's CPU walking them.
+GC_THRESHOLD: Final = (20_000, 20, 20)
+
+
+def _settle_heap() -> None:
+    """Once started: move everything made so far (modules, the app, the registry snapshot)
+    out of the collector's sight, and collect the young generation less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 def _url_host(host: str) -> str:

@@ -182,6 +182,12 @@ OPTIONS: Final = MappingProxyType(
             ),
             Option("storage.type", "local", _to_storage_type, "local, s3 or memory."),
             Option("storage.local.base-path", "./data", _to_str, "Directory of the local backend."),
+            Option(
+                "storage.local.io-uring",
+                True,
+                _to_bool,
+                "Small writes by io_uring where the kernel allows it (else worker threads).",
+            ),
             Option("storage.s3.bucket", None, _to_str, "Bucket name (required for s3)."),
             Option("storage.s3.region", None, _to_str, "Region, e.g. us-east-1."),
             Option("storage.s3.endpoint", None, _to_str, "Endpoint URL for MinIO, Ceph, moto."),

@@ -14,6 +14,7 @@ import json
 import os
 import stat
 import threading
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +24,7 @@ import psutil
 import pytest
 
 import backends.local as local_module
+from backends import _uring
 from backends.base import SYSTEM_PREFIX
 from backends.local import LOCK_NAME, SPARE_SUFFIX, TMP_DIR, XATTR, LocalBackend
 from tests.backends.helpers import UploadFailed, body, failing_body, get, names, put
@@ -626,12 +628,57 @@ def test_a_one_call_lookup_never_leaves_the_base(tmp_path: Path) -> None:
 # -- spares: replaced small files become later writes' files -------------------------------------
 
 
-@pytest.fixture
-def spares(store: LocalBackend, monkeypatch: pytest.MonkeyPatch) -> local_module._Spares:
-    """The backend's spares, on whatever file system the test folder is, reusable at once."""
+@pytest.fixture(params=["ring", "threads"])
+async def spares(
+    request: pytest.FixtureRequest, store: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[local_module._Spares]:
+    """The backend's spares, on whatever file system the test folder is, reusable at once;
+    small writes over them made by io_uring ("ring"), or by worker threads ("threads", as
+    where io_uring is missing or refused)."""
     monkeypatch.setattr(local_module, "SPARE_MIN_AGE", 0.0)
     store._spares = local_module._Spares()
-    return store._spares
+    if store._ring is not None:
+        await store._ring.close()
+        store._ring = None
+    if request.param == "ring":
+        store._ring = _uring.open_ring()
+        assert store._ring is not None, "io_uring is available on this project's machines"
+        # Spares are reused at once here, not a second later: let the ring take them too.
+        monkeypatch.setattr(local_module, "_MTIME_MARGIN_NS", 0)
+    yield store._spares
+
+
+def on_ring(store: LocalBackend) -> bool:
+    return store._ring is not None
+
+
+class _HeldRing:
+    """Wraps a backend's ring: every chain is submitted at once, and its results are held
+    (or replaced) until the test says; records what was submitted."""
+
+    def __init__(self, store: LocalBackend) -> None:
+        assert store._ring is not None
+        self.ring = store._ring
+        self.chains: list[list[int]] = []  # the opcodes of each chain submitted
+        self.submitted = asyncio.Event()
+        self.release = asyncio.Event()
+        self.release.set()
+        self.hook: Callable[[list[_uring.Op], list[int]], list[int]] | None = None
+        run = self.ring.run
+
+        def held(ops: list[_uring.Op]) -> asyncio.Future[list[int]]:
+            self.chains.append([op.opcode for op in ops])
+            done = run(ops)
+
+            async def later() -> list[int]:
+                results = await done
+                await self.release.wait()
+                return self.hook(ops, results) if self.hook is not None else results
+
+            self.submitted.set()
+            return asyncio.ensure_future(later())
+
+        self.ring.run = held  # type: ignore[method-assign]
 
 
 async def test_a_replaced_small_file_becomes_the_next_writes_file(
@@ -652,19 +699,40 @@ async def test_a_replaced_small_file_becomes_the_next_writes_file(
     assert spare_files(store) == [] and temp_files(store) == []
 
 
-async def test_a_write_over_a_spare_hands_only_its_two_fsyncs_to_threads(
+async def test_a_write_over_a_spare_hands_only_its_two_fsyncs_to_threads_or_the_ring(
     store: LocalBackend, spares: local_module._Spares, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await put(store, "s/a", b"first")
     await put(store, "s/a", b"second")
     trips = _spy_trips(monkeypatch)
+    held = _HeldRing(store) if on_ring(store) else None
     await put(store, "s/b", b"over the spare", content_type="text/plain")
-    assert trips == ["_fill_and_seal", "_settle"]
+    over_spare = [] if held else ["_fill_and_seal", "_settle"]
+    assert trips == over_spare
+    if held:  # body, attribute and fsync in one chain; then the directory's fsync
+        write, xattr, fsync = _uring.OP_WRITE, _uring.OP_FSETXATTR, _uring.OP_FSYNC
+        assert held.chains == [[write, xattr, fsync], [fsync]]
     await put(store, "s/new/dir/k", b"x")  # no spare ready: the whole write in one trip
-    assert trips == ["_fill_and_seal", "_settle", "_write_whole"]
+    assert trips == [*over_spare, "_write_whole"]
     assert await get(store, "s/b") == b"over the spare"
     assert (await store.info("s/b")).content_type == "text/plain"
     assert temp_files(store) == []
+
+
+async def test_the_ring_leaves_a_spare_written_moments_ago_to_a_thread(
+    store: LocalBackend, spares: local_module._Spares, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ring's write takes the kernel's coarse clock for the modification time, and the
+    # ETag needs it later than the earlier object's: a spare that recent gets seal()'s
+    # explicit time.
+    monkeypatch.setattr(local_module, "_MTIME_MARGIN_NS", 60 * 10**9)
+    await put(store, "s/a", b"first")
+    first = await store.info("s/a")
+    await put(store, "s/a", b"other")
+    trips = _spy_trips(monkeypatch)
+    await put(store, "s/b", b"first")  # same size, same inode
+    assert trips == ["_fill_and_seal"] if on_ring(store) else ["_fill_and_seal", "_settle"]
+    assert (await store.info("s/b")).etag != first.etag
 
 
 async def test_a_write_over_a_spare_makes_a_missing_directory(
@@ -694,14 +762,26 @@ async def test_a_cancelled_write_over_a_spare_leaves_nothing_and_keeps_the_old_o
         release.wait(5)
         seal(temp, xattr)
 
-    monkeypatch.setattr(local_module._TempFile, "seal", slow_seal)
-    write = asyncio.create_task(put(store, "s/b", b"never"))
-    assert await asyncio.to_thread(entered.wait, 5)
-    write.cancel()
-    release.set()
+    if on_ring(store):  # cancelled while the ring writes the spare
+        held = _HeldRing(store)
+        held.release.clear()
+        write = asyncio.create_task(put(store, "s/b", b"never"))
+        await asyncio.wait_for(held.submitted.wait(), 5)
+        write.cancel()
+        held.release.set()
+    else:
+        monkeypatch.setattr(local_module._TempFile, "seal", slow_seal)
+        write = asyncio.create_task(put(store, "s/b", b"never"))
+        assert await asyncio.to_thread(entered.wait, 5)
+        write.cancel()
+        release.set()
     with pytest.raises(asyncio.CancelledError):
         await write
     assert await get(store, "s/b") == b"old b"
+    for _ in range(100):  # the ring's chain ends, then its file goes
+        if spare_files(store) == [] and temp_files(store) == []:
+            break
+        await asyncio.sleep(0.01)
     assert spare_files(store) == [] and temp_files(store) == []
 
 
@@ -709,33 +789,52 @@ async def test_a_replaced_file_becomes_a_spare_only_once_the_exchange_is_durable
     store: LocalBackend, spares: local_module._Spares, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await put(store, "s/a", b"first")
+    await put(store, "s/a", b"second")  # a spare: the third write goes over it
+    await put(store, "s/x", b"made")
     fsync = os.fsync
     queued_at_directory_fsync: list[int] = []
+    held = _HeldRing(store) if on_ring(store) else None
+
+    def is_directory_fsync(op: _uring.Op) -> bool:
+        return op.opcode == _uring.OP_FSYNC and stat.S_ISDIR(os.fstat(op.fd).st_mode)
+
+    def watching_ring(ops: list[_uring.Op], results: list[int]) -> list[int]:
+        if is_directory_fsync(ops[0]):
+            queued_at_directory_fsync.append(len(spares._names))
+        return results
 
     def watching(fd: int) -> None:
         if stat.S_ISDIR(os.fstat(fd).st_mode):
             queued_at_directory_fsync.append(len(spares._names))
         fsync(fd)
 
+    if held:
+        held.hook = watching_ring
     monkeypatch.setattr(local_module.os, "fsync", watching)
-    await put(store, "s/a", b"second")
+    await put(store, "s/x", b"over the spare")
     assert queued_at_directory_fsync == [0]  # not yet a spare when the directory is synced
     assert len(spares._names) == 1
-    monkeypatch.undo()
     # and when that fsync fails, the replaced file never becomes one
-    monkeypatch.setattr(local_module, "SPARE_MIN_AGE", 60.0)
+
+    def failing_ring(ops: list[_uring.Op], results: list[int]) -> list[int]:
+        return [-errno.EIO] if is_directory_fsync(ops[0]) else results
 
     def failing(fd: int) -> None:
         if stat.S_ISDIR(os.fstat(fd).st_mode):
             raise OSError(errno.EIO, "injected")
         fsync(fd)
 
+    if held:
+        held.hook = failing_ring
     monkeypatch.setattr(local_module.os, "fsync", failing)
     with pytest.raises(OSError):
-        await put(store, "s/b", b"b")  # a new key: made, then its directory's fsync fails
+        await put(store, "s/a", b"third")  # over the spare, replacing a file
+    assert spares._names == deque()
     with pytest.raises(OSError):
-        await put(store, "s/a", b"third")
-    assert len(spares._names) == 1  # only the one from before
+        await put(store, "s/b", b"b")  # a new key, no spare ready: in a thread
+    with pytest.raises(OSError):
+        await put(store, "s/a", b"fourth")
+    assert spares._names == deque()
 
 
 async def test_an_empty_object_over_an_empty_spare_gets_a_new_etag(
