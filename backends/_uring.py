@@ -7,20 +7,22 @@ hand-overs cost more CPU than the writes. Here the event loop queues a chain of 
 ``io_uring_enter``; the kernel runs them in order, those that may wait for the disk in its own
 worker threads, which hold no GIL, and an ``eventfd`` wakes the loop with the results.
 
-Only what the backend needs: ``write``, ``ftruncate``, ``fsetxattr`` and ``fsync``, linked:
-each runs once the one before it has completed. A failed ``write`` or ``fsync`` ends the rest
-of its chain with ``ECANCELED``, but a failed ``ftruncate`` or ``fsetxattr`` does not (Linux
-6.18): a caller checks every result.
+Only what the backend needs: ``openat``, ``write``, ``ftruncate``, ``fsetxattr`` and
+``fsync``, linked: each runs once the one before it has completed. A failed ``write`` or
+``fsync`` ends the rest of its chain with ``ECANCELED``, but a failed ``ftruncate`` or
+``fsetxattr`` does not (Linux 6.18): a caller checks every result.
 
 :func:`open_ring` returns None where io_uring is missing, refused (seccomp in containers,
 ``kernel.io_uring_disabled``), lacks one of those operations (Linux before 6.9), or the
 machine is not x86-64 (the rings are shared memory read and written from Python, which relies
 on x86's ordering of plain loads and stores); callers then use threads.
 
-Every buffer an operation points at (the body, the attribute's name and value) is referenced
-until that operation's completion arrives: the kernel may read it from one of its worker
-threads after ``io_uring_enter`` has returned. Descriptors are the caller's to keep open until
-the chain has completed: a linked operation looks its descriptor up only when it runs.
+Every buffer an operation points at (the body, the attribute's name and value, a path) is
+referenced until that operation's completion arrives: the kernel may read it from one of its
+worker threads after ``io_uring_enter`` has returned. Descriptors are the caller's to keep open
+until the chain has completed: an operation that runs in the kernel's worker threads (``fsync``
+always; any linked one) looks its descriptor up only when it runs, and a number closed meanwhile
+could name another file by then.
 """
 
 from __future__ import annotations
@@ -56,10 +58,11 @@ _SQ_CQ_OVERFLOW: Final = 1 << 1
 _ENTER_GETEVENTS: Final = 1
 
 OP_FSYNC: Final = 3
+OP_OPENAT: Final = 18
 OP_WRITE: Final = 23
 OP_FSETXATTR: Final = 41
 OP_FTRUNCATE: Final = 55
-_NEEDED: Final = (OP_FSYNC, OP_WRITE, OP_FSETXATTR, OP_FTRUNCATE)
+_NEEDED: Final = (OP_FSYNC, OP_OPENAT, OP_WRITE, OP_FSETXATTR, OP_FTRUNCATE)
 
 _PARAMS: Final = struct.Struct("<7I12x8IQ8IQ")  # struct io_uring_params, 120 bytes
 _SQE: Final = struct.Struct("<BBHiQQIIQHHiQ8x")  # struct io_uring_sqe, 64 bytes
@@ -85,6 +88,11 @@ def _address(buffer: bytes) -> int:
     address = ctypes.cast(ctypes.c_char_p(buffer), ctypes.c_void_p).value
     assert address is not None
     return address
+
+
+def openat(dir_fd: int, name: bytes, flags: int, mode: int) -> Op:
+    """``name`` ends with a NUL byte; the result is the new descriptor."""
+    return Op(OP_OPENAT, dir_fd, _address(name), mode, 0, flags, (name,))
 
 
 def write(fd: int, data: bytes, offset: int = 0) -> Op:
@@ -227,12 +235,22 @@ class Ring:
                 _U32.pack_into(self._rings, self._sq_tail_at, tail)  # the kernel took none
                 raise
             break
-        self._sq_tail = new_tail
         self._next = first + len(ops)
-        for index in range(len(ops)):
+        for index in range(taken):
             self._chains[first + index] = (chain, index)
-        if taken != len(ops):  # not with SUBMIT_ALL and room kept: stop using this ring
+        if taken < len(ops):
+            # The kernel could not take them all (out of memory): the rest are never run,
+            # and this ring is used no more. (Not resubmitted: they would form a new chain,
+            # not ordered after the first part.)
+            new_tail = (tail + taken) & 0xFFFFFFFF
+            _U32.pack_into(self._rings, self._sq_tail_at, new_tail)
+            for index in range(taken, len(ops)):
+                chain.results[index] = -errno.ECANCELED
+            chain.left = taken
+            if taken == 0:
+                chain.future.set_result(chain.results)
             self._broken()
+        self._sq_tail = new_tail
         return chain.future
 
     def _broken(self) -> None:
@@ -270,6 +288,17 @@ class Ring:
             pending = {chain.future for chain, _ in self._chains.values()}
             await asyncio.wait(pending)
         self._release()
+
+    def __del__(self) -> None:
+        # A ring whose owner never closed it, collected once its event loop was: at least
+        # its descriptors and mappings go.
+        with contextlib.suppress(Exception):
+            for mapping in self._maps:
+                mapping.close()
+            if self._efd >= 0:
+                os.close(self._efd)
+            if self._fd >= 0:
+                os.close(self._fd)
 
     def _release(self) -> None:
         if self._efd >= 0:

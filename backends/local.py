@@ -319,8 +319,8 @@ def _read_xattr(fd: int) -> tuple[str | None, Mapping[str, str]]:
 def _etag(st: os.stat_result) -> str:
     """Given a file's status, return a validator that changes with each write, without hashing.
 
-    Every write renames a new inode into place, so the inode number changes (or, when the file
-    system reuses one, the modification time does).
+    Every write renames another inode into place, so the inode number changes; when it is one
+    used before (the file system reused it, or a spare), its modification time is later.
     """
     return f"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
 
@@ -688,24 +688,28 @@ class _TempFile:
             os.fsync(self._fd)
 
     def ring_seal(self, data: list[bytes], xattr: bytes | None) -> list[_uring.Op] | None:
-        """``append(data)`` and ``seal(xattr)`` of a small body over a spare as io_uring
-        operations, for ``sealed_by_ring`` to check; None where only ``seal`` can do it: an
-        empty body, or an earlier object modified less than ``_MTIME_MARGIN_NS`` ago (or
-        later: a clock set back). The write sets the modification time to the kernel's
-        clock, a little coarse, and it must come out later than the earlier object's, or
-        the ETag could come back. Its descriptor stays open until the chain has run."""
+        """``append(data)`` and ``seal(xattr)`` of a small body as io_uring operations, for
+        ``sealed_by_ring`` to check; None where only ``seal`` can do it. Over a spare, that
+        is an empty body, or an earlier object modified less than ``_MTIME_MARGIN_NS`` ago
+        (or later: a clock set back): the write sets the modification time from the
+        kernel's clock, a little coarse, and it must come out later than the earlier
+        object's, or the ETag could come back. The descriptor stays open until the chain
+        has run."""
         stale = self._stale
         body = b"".join(data)
-        if stale is None or not body or time.time_ns() - stale.st_mtime_ns < _MTIME_MARGIN_NS:
+        if stale is not None and (
+            not body or time.time_ns() - stale.st_mtime_ns < _MTIME_MARGIN_NS
+        ):
             return None
         self._check()
-        ops = [_uring.write(self._fd, body)]
-        if stale.st_size > len(body):
+        ops = [_uring.write(self._fd, body)] if body else []
+        if stale is not None and stale.st_size > len(body):
             ops.append(_uring.ftruncate(self._fd, len(body)))
-        # Replaced, never removed (io_uring has no such operation): an attribute of no content
-        # type and no metadata reads back as none.
-        value = _NO_TYPE_XATTR if xattr is None else xattr
-        ops.append(_uring.fsetxattr(self._fd, _XATTR_NAME, value))
+        if stale is not None or xattr is not None:
+            # Replaced, never removed (io_uring has no such operation): an attribute of no
+            # content type and no metadata reads back as none.
+            value = _NO_TYPE_XATTR if xattr is None else xattr
+            ops.append(_uring.fsetxattr(self._fd, _XATTR_NAME, value))
         ops.append(_uring.fsync(self._fd))
         return ops
 
@@ -713,9 +717,13 @@ class _TempFile:
         """Whether the operations of ``ring_seal`` all succeeded (the file then holds the
         body, sealed). If not, ``append`` and ``seal`` are to be made again, in a thread
         (the ring's write left the file offset at 0): they raise what fails."""
-        if results[0] != ops[0].length or any(result != 0 for result in results[1:]):
-            return False
-        self._size = ops[0].length
+        size = 0
+        for op, result in zip(ops, results, strict=True):
+            expected = op.length if op.opcode == _uring.OP_WRITE else 0
+            if result != expected:
+                return False
+            size += expected
+        self._size = size
         return True
 
     def install(
@@ -1049,6 +1057,43 @@ def _retrieve(future: asyncio.Future[Any]) -> None:
     """Mark the outcome of a write nobody awaits any more as seen (no "never retrieved")."""
     if not future.cancelled():
         future.exception()
+
+
+def _settled_by_ring(
+    temp: _TempFile,
+    parent: int,
+    spares: _Spares | None,
+    settled: asyncio.Future[None],
+    fsync: asyncio.Future[list[int]],
+) -> None:
+    """``_settle`` after the ring's ``fsync`` of the directory ``parent``; its outcome goes
+    to ``settled``."""
+    try:
+        (result,) = fsync.result()
+        if result < 0:
+            raise OSError(-result, os.strerror(-result))
+        temp.keep_replaced(spares)  # a small file at most (replaced_small): no wait
+    except Exception as exc:
+        if not settled.done():
+            settled.set_exception(exc)
+    else:
+        if not settled.done():
+            settled.set_result(None)
+    finally:
+        temp.close_folder()
+        os.close(parent)
+
+
+def _drop_opened(tmp: int, name: str, opening: asyncio.Future[list[int]]) -> None:
+    """Once the ring's open of ``tmp/name`` for a cancelled write is done: undo it."""
+    try:
+        (fd,) = opening.result()
+        if fd >= 0:
+            os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=tmp)
+    finally:
+        os.close(tmp)
 
 
 def _discard_when_opened(opening: asyncio.Future[_TempFile]) -> None:
@@ -1405,9 +1450,11 @@ class LocalBackend(Backend):
             checked = self._reads_on_loop and size <= SMALL_WRITE_MAX
             if checked:
                 self._check_writable(segments, key, exclusive)
-                spare = self._take_spare()
-                if spare is not None:
-                    st = await self._write_over_spare(spare, segments, key, exclusive, head, xattr)
+                temp = self._take_spare()
+                if temp is None and self._ring is not None:
+                    temp = await self._new_temp_by_ring(self._ring)
+                if temp is not None:
+                    st = await self._write_small(temp, segments, key, exclusive, head, xattr)
                     return _file_info(key, st, content_type, metadata)
             cancelled = _Flag()
             try:
@@ -1589,6 +1636,28 @@ class LocalBackend(Backend):
             temp.discard()
             raise
 
+    async def _new_temp_by_ring(self, ring: _uring.Ring) -> _TempFile | None:
+        """A new temporary file, made by the ring (making an inode may wait for the disk);
+        None if the ring cannot take it now (a worker thread makes it then)."""
+        if not ring.usable(1):
+            return None
+        tmp = self._open_own_tmp()
+        name = f"{secrets.token_hex(16)}.tmp"
+        try:
+            chain = ring.run([_uring.openat(tmp, os.fsencode(name) + b"\0", _TEMP_FLAGS, 0o666)])
+        except BaseException:
+            os.close(tmp)
+            return None
+        try:
+            (fd,) = await asyncio.shield(chain)
+        except asyncio.CancelledError:
+            chain.add_done_callback(functools.partial(_drop_opened, tmp, name))
+            raise
+        if fd < 0:
+            os.close(tmp)
+            raise OSError(-fd, os.strerror(-fd))
+        return _TempFile(tmp, name, fd)
+
     def _take_spare(self) -> _TempFile | None:
         """A spare to write over, if one is ready (on the event loop: lookups and an open in
         the kernel's caches; none is made when no spare is ready)."""
@@ -1604,7 +1673,7 @@ class LocalBackend(Backend):
             os.close(tmp)
         return temp
 
-    async def _write_over_spare(
+    async def _write_small(
         self,
         temp: _TempFile,
         segments: list[str],
@@ -1613,7 +1682,8 @@ class LocalBackend(Backend):
         data: list[bytes],
         xattr: bytes | None,
     ) -> os.stat_result:
-        """A small write into a spare in two steps that may wait for the disk: the body,
+        """A small write into a spare or a new temporary file, in two steps that may wait
+        for the disk: the body,
         attribute and ``fsync``; then, after the lookup of the key's directory and the
         exchange, made here on the event loop, the directory's ``fsync``. Both steps go to
         the io_uring ring where there is one (a worker thread's every system call contends
@@ -1655,30 +1725,25 @@ class LocalBackend(Backend):
             raise
         if parent is None:
             return await _to_the_end(self._install_or_discard, temp, segments, key, exclusive)
-        if ring is not None and ring.usable(1):
-            settling = asyncio.ensure_future(self._settle_on_ring(ring, temp, parent))
-            try:
-                await asyncio.shield(settling)
-            except asyncio.CancelledError:
-                settling.add_done_callback(_retrieve)
-                raise
-        else:
+        chain = None
+        if ring is not None and temp.replaced_small() and ring.usable(1):
+            with contextlib.suppress(OSError):  # the kernel took none: a thread does it
+                chain = ring.run([_uring.fsync(parent)])
+        if chain is None:
             await _to_the_end(_settle, temp, parent, self._spares)
-        return st
-
-    async def _settle_on_ring(self, ring: _uring.Ring, temp: _TempFile, parent: int) -> None:
-        """``_settle``, the directory's ``fsync`` made by the ring."""
+            return st
+        # The rest of _settle once the fsync has run, whatever becomes of this task: the
+        # directory and the temporary folder stay open until then.
+        settled = asyncio.get_running_loop().create_future()
+        chain.add_done_callback(
+            functools.partial(_settled_by_ring, temp, parent, self._spares, settled)
+        )
         try:
-            (result,) = await ring.run([_uring.fsync(parent)])
-            if result < 0:
-                raise OSError(-result, os.strerror(-result))
-            if temp.replaced_small():
-                temp.keep_replaced(self._spares)
-            else:
-                await asyncio.to_thread(temp.keep_replaced, self._spares)
-        finally:
-            temp.close_folder()
-            os.close(parent)
+            await asyncio.shield(settled)
+        except asyncio.CancelledError:
+            settled.add_done_callback(_retrieve)
+            raise
+        return st
 
     # -- listings ----------------------------------------------------------------------------
 

@@ -206,6 +206,24 @@ def _spy_trips(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return trips
 
 
+@pytest.fixture
+async def threads(store: LocalBackend) -> None:
+    """The backend without its io_uring ring: small writes by worker threads (as where
+    io_uring is missing, refused, or turned off)."""
+    if store._ring is not None:
+        await store._ring.close()
+        store._ring = None
+
+
+@pytest.fixture
+def held_ring(store: LocalBackend) -> _HeldRing:
+    if store._ring is None:  # the test folder is on tmpfs: no spares, so no ring by default
+        store._ring = _uring.open_ring()
+    assert store._ring is not None, "io_uring is available on this project's machines"
+    return _HeldRing(store)
+
+
+@pytest.mark.usefixtures("threads")
 async def test_a_small_write_makes_one_trip_to_a_worker_thread(
     store: LocalBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -218,6 +236,74 @@ async def test_a_small_write_makes_one_trip_to_a_worker_thread(
     assert temp_files(store) == []
 
 
+async def test_a_small_new_write_makes_no_trip_to_a_worker_thread_on_the_ring(
+    store: LocalBackend, held_ring: _HeldRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ring makes the file, writes, seals and fsyncs it; the event loop renames it.
+    trips = _spy_trips(monkeypatch)
+    await put(store, "tenants/acme/new/dir/k", b"first", content_type="text/plain")
+    assert trips == ["_install_or_discard"]  # its directories are made by a thread
+    await put(store, "tenants/acme/new/dir/k", b"second")  # no spare ready (1 s)
+    assert trips == ["_install_or_discard"]
+    openat, write, xattr, fsync = (
+        _uring.OP_OPENAT, _uring.OP_WRITE, _uring.OP_FSETXATTR, _uring.OP_FSYNC,
+    )  # fmt: skip
+    assert held_ring.chains == [[openat], [write, xattr, fsync], [openat], [write, fsync], [fsync]]
+    assert await get(store, "tenants/acme/new/dir/k") == b"second"
+    assert (await store.info("tenants/acme/new/dir/k")).content_type is None
+    assert temp_files(store) == []
+
+
+async def test_a_small_write_on_the_ring_lands_when_its_directory_goes_meanwhile(
+    store: LocalBackend, held_ring: _HeldRing
+) -> None:
+    # The key's directory is looked up once the body is sealed: one removed meanwhile is
+    # made again, one moved away does not take the object along.
+    await put(store, "tenants/acme/d/old", b"old")
+    await store.delete("tenants/acme/d/old")
+    await put(store, "tenants/acme/a/b/seed", b"s")
+    held_ring.hold = {_uring.OP_WRITE}
+    held_ring.release.clear()
+    removed = asyncio.create_task(put(store, "tenants/acme/d/k", b"kept"))
+    moved = asyncio.create_task(put(store, "tenants/acme/a/b/x", b"hello"))
+    for _ in range(500):
+        if held_ring.chains.count([_uring.OP_WRITE, _uring.OP_FSYNC]) == 2:
+            break
+        await asyncio.sleep(0.01)
+    os.rmdir(base(store) / "tenants/acme/d")
+    store._move("tenants/acme/a/b", "tenants/acme/c/b")
+    held_ring.release.set()
+    await asyncio.gather(removed, moved)
+    assert await get(store, "tenants/acme/d/k") == b"kept"
+    assert await get(store, "tenants/acme/a/b/x") == b"hello"
+    assert await names(store, "tenants/acme/c/b") == ["tenants/acme/c/b/seed"]
+    assert temp_files(store) == []
+
+
+async def test_a_write_cancelled_while_the_ring_opens_its_file_leaves_none(
+    store: LocalBackend, held_ring: _HeldRing
+) -> None:
+    held_ring.hold = {_uring.OP_OPENAT}
+    held_ring.release.clear()
+    fds = open_fds()
+    task = asyncio.create_task(store.write("c/file", body(b"d" * 4)))
+    await asyncio.wait_for(held_ring.submitted.wait(), 5)
+    await asyncio.gather(*held_ring.real)  # the file is made: the write is cancelled now
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert temp_files(store) != []  # still open in the chain the task no longer awaits
+    held_ring.release.set()
+    for _ in range(200):
+        if not temp_files(store) and open_fds() == fds:
+            break
+        await asyncio.sleep(0.01)
+    assert temp_files(store) == []
+    assert open_fds() == fds
+    assert not await store.exists("c/file")
+
+
+@pytest.mark.usefixtures("threads")
 async def test_a_small_write_lands_when_its_directory_is_removed_meanwhile(
     store: LocalBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -238,6 +324,7 @@ async def test_a_small_write_lands_when_its_directory_is_removed_meanwhile(
     assert temp_files(store) == []
 
 
+@pytest.mark.usefixtures("threads")
 async def test_a_small_write_lands_at_its_key_when_its_directory_moves_meanwhile(
     store: LocalBackend,
 ) -> None:
@@ -431,6 +518,7 @@ async def test_cancelled_write_leaves_no_temporary_file_and_keeps_old(
     [4, local_module.SMALL_WRITE_MAX + 1, local_module.CHUNK_SIZE + 1],
     ids=["small", "whole", "streamed"],
 )
+@pytest.mark.usefixtures("threads")
 async def test_write_cancelled_while_opening_its_temporary_file_leaves_none(
     store: LocalBackend, monkeypatch: pytest.MonkeyPatch, size: int
 ) -> None:
@@ -664,15 +752,19 @@ class _HeldRing:
         self.release = asyncio.Event()
         self.release.set()
         self.hook: Callable[[list[_uring.Op], list[int]], list[int]] | None = None
+        self.hold: set[int] | None = None  # hold only chains that begin with these operations
+        self.real: list[asyncio.Future[list[int]]] = []  # the ring's own futures
         run = self.ring.run
 
         def held(ops: list[_uring.Op]) -> asyncio.Future[list[int]]:
             self.chains.append([op.opcode for op in ops])
             done = run(ops)
+            self.real.append(done)
 
             async def later() -> list[int]:
                 results = await done
-                await self.release.wait()
+                if self.hold is None or ops[0].opcode in self.hold:
+                    await self.release.wait()
                 return self.hook(ops, results) if self.hook is not None else results
 
             self.submitted.set()
@@ -712,8 +804,12 @@ async def test_a_write_over_a_spare_hands_only_its_two_fsyncs_to_threads_or_the_
     if held:  # body, attribute and fsync in one chain; then the directory's fsync
         write, xattr, fsync = _uring.OP_WRITE, _uring.OP_FSETXATTR, _uring.OP_FSYNC
         assert held.chains == [[write, xattr, fsync], [fsync]]
-    await put(store, "s/new/dir/k", b"x")  # no spare ready: the whole write in one trip
-    assert trips == [*over_spare, "_write_whole"]
+    await put(store, "s/dir/k", b"x")  # no spare ready: a new file
+    if held:  # made by the ring; its directory, missing, by a thread
+        assert held.chains[2:] == [[_uring.OP_OPENAT], [_uring.OP_WRITE, _uring.OP_FSYNC]]
+        assert trips == ["_install_or_discard"]
+    else:  # the whole write in one trip
+        assert trips == [*over_spare, "_write_whole"]
     assert await get(store, "s/b") == b"over the spare"
     assert (await store.info("s/b")).content_type == "text/plain"
     assert temp_files(store) == []
@@ -731,8 +827,29 @@ async def test_the_ring_leaves_a_spare_written_moments_ago_to_a_thread(
     await put(store, "s/a", b"other")
     trips = _spy_trips(monkeypatch)
     await put(store, "s/b", b"first")  # same size, same inode
-    assert trips == ["_fill_and_seal"] if on_ring(store) else ["_fill_and_seal", "_settle"]
+    assert trips == (["_fill_and_seal"] if on_ring(store) else ["_fill_and_seal", "_settle"])
     assert (await store.info("s/b")).etag != first.etag
+
+
+async def test_a_write_over_a_spare_by_the_ring_gets_a_later_time_and_a_new_etag(
+    store: LocalBackend, spares: local_module._Spares, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(local_module, "_MTIME_MARGIN_NS", 100_000_000)  # the real margin
+    await put(store, "s/a", b"first")
+    await put(store, "s/a", b"other")
+    (spare,) = spare_files(store)
+    earlier = spare.stat().st_mtime_ns - 2 * 10**9  # as if replaced two seconds ago
+    os.utime(spare, ns=(earlier, earlier))
+    old_etag = local_module._etag(spare.stat())
+    inode = spare.stat().st_ino
+    held = _HeldRing(store) if on_ring(store) else None
+    await put(store, "s/b", b"first")  # same size, same inode
+    if held:
+        assert held.chains[0][0] == _uring.OP_WRITE  # by the ring
+    st = os.stat(base(store) / "s/b")
+    assert st.st_ino == inode
+    assert st.st_mtime_ns > earlier
+    assert (await store.info("s/b")).etag not in (old_etag, None)
 
 
 async def test_a_write_over_a_spare_makes_a_missing_directory(
@@ -768,6 +885,11 @@ async def test_a_cancelled_write_over_a_spare_leaves_nothing_and_keeps_the_old_o
         write = asyncio.create_task(put(store, "s/b", b"never"))
         await asyncio.wait_for(held.submitted.wait(), 5)
         write.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await write
+        # Its descriptor stays open while the chain runs (a number closed meanwhile could
+        # name another file by the time the kernel looks it up): discarded after.
+        assert len(spare_files(store)) == 1
         held.release.set()
     else:
         monkeypatch.setattr(local_module._TempFile, "seal", slow_seal)
@@ -775,8 +897,8 @@ async def test_a_cancelled_write_over_a_spare_leaves_nothing_and_keeps_the_old_o
         assert await asyncio.to_thread(entered.wait, 5)
         write.cancel()
         release.set()
-    with pytest.raises(asyncio.CancelledError):
-        await write
+        with pytest.raises(asyncio.CancelledError):
+            await write
     assert await get(store, "s/b") == b"old b"
     for _ in range(100):  # the ring's chain ends, then its file goes
         if spare_files(store) == [] and temp_files(store) == []:
@@ -864,6 +986,11 @@ async def test_a_full_disk_drops_the_spares(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(local_module._TempFile, "append", full)
+    if on_ring(store):  # the ring's write finds the disk full too; a thread tries again
+        _HeldRing(store).hook = lambda ops, results: [
+            -errno.ENOSPC if op.opcode == _uring.OP_WRITE else result
+            for op, result in zip(ops, results, strict=True)
+        ]
     with pytest.raises(OSError):
         await put(store, "s/new", b"x")
     assert spare_files(store) == [] and temp_files(store) == []

@@ -156,6 +156,7 @@ async def test_a_write_the_ring_could_not_finish_is_made_again_by_a_thread(
     await store.start()
     try:
         monkeypatch.setattr(local_module, "SPARE_MIN_AGE", 0.0)
+        monkeypatch.setattr(local_module, "_MTIME_MARGIN_NS", 0)  # the ring takes it at once
         store._spares = local_module._Spares()
         if store._ring is None:
             store._ring = _uring.open_ring()
@@ -170,10 +171,13 @@ async def test_a_write_the_ring_could_not_finish_is_made_again_by_a_thread(
             "fsync failed": lambda results: [*results[:-1], -errno.EIO],
         }[failure]
 
+        spoiled: list[list[int]] = []
+
         def failing(ops: list[_uring.Op]) -> asyncio.Future[list[int]]:
             done = run(ops)
             if ops[0].opcode != _uring.OP_WRITE:
                 return done
+            spoiled.append([op.opcode for op in ops])
 
             async def worse() -> list[int]:
                 return bad(await done)
@@ -190,6 +194,10 @@ async def test_a_write_the_ring_could_not_finish_is_made_again_by_a_thread(
 
         monkeypatch.setattr(local_module._TempFile, "seal", seal)
         await put(store, "b", b"over the spare", content_type="text/csv")
+        write, truncate, xattr, fsync = (
+            _uring.OP_WRITE, _uring.OP_FTRUNCATE, _uring.OP_FSETXATTR, _uring.OP_FSYNC,
+        )  # fmt: skip
+        assert spoiled == [[write, truncate, xattr, fsync]]  # the ring tried first
         assert thread_seals == [True]
         assert await get(store, "b") == b"over the spare"
         info = await store.info("b")
@@ -214,8 +222,36 @@ async def test_storage_local_io_uring_turns_the_ring_on_and_off(
     await store.start()
     try:
         assert (store._ring is not None) is expected
+        chains: list[int] = []
+        if store._ring is not None:
+            run = store._ring.run
+            store._ring.run = lambda ops: chains.append(len(ops)) or run(ops)  # type: ignore[method-assign]
         await put(store, "k", b"v1")
         await put(store, "k", b"v2")
         assert await get(store, "k") == b"v2"
+        assert (chains != []) is expected  # the ring made the writes
     finally:
         await store.close()
+
+
+async def test_a_chain_the_kernel_took_only_in_part_ends_and_the_ring_is_left(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    ring = _uring.open_ring()
+    assert ring is not None
+    real = _uring._syscall
+
+    def short(number: int, *args: int) -> int:
+        if number == _uring._SYS_ENTER and args[1] > 1:  # the kernel takes all but one
+            return real(number, args[0], args[1] - 1, *args[2:])
+        return real(number, *args)
+
+    monkeypatch.setattr(_uring, "_syscall", short)
+    fd = os.open(tmp_path / "f", os.O_RDWR | os.O_CREAT)
+    try:
+        results = await asyncio.wait_for(ring.run([_uring.write(fd, b"abc"), _uring.fsync(fd)]), 5)
+        assert results == [3, -errno.ECANCELED]  # the fsync never ran: the caller sees it
+        assert not ring.usable(1)
+        await asyncio.wait_for(ring.close(), 5)
+    finally:
+        os.close(fd)
