@@ -36,7 +36,6 @@ import os
 import platform
 import struct
 import sys
-from dataclasses import dataclass, field
 from typing import Final, NamedTuple
 
 # <linux/io_uring.h>; the system call numbers are the same on every architecture.
@@ -112,12 +111,16 @@ def fsync(fd: int) -> Op:
     return Op(OP_FSYNC, fd, 0, 0, 0, 0, ())
 
 
-@dataclass(slots=True)
 class _Chain:
-    ops: list[Op]
-    future: asyncio.Future[list[int]]
-    results: list[int] = field(default_factory=list)
-    left: int = 0
+    """A chain in flight: its operations (their buffers alive), results, and how many to go."""
+
+    __slots__ = ("future", "left", "ops", "results")
+
+    def __init__(self, ops: list[Op], future: asyncio.Future[list[int]]) -> None:
+        self.ops = ops
+        self.future = future
+        self.results = [0] * len(ops)
+        self.left = len(ops)
 
 
 _libc: ctypes.CDLL | None = None
@@ -214,7 +217,7 @@ class Ring:
 
         Raises OSError if the kernel took none of them (nothing was done); check ``usable``
         first."""
-        chain = _Chain(ops, self._loop.create_future(), [0] * len(ops), len(ops))
+        chain = _Chain(ops, self._loop.create_future())
         tail = self._sq_tail
         mask = self._sq_mask
         first = self._next

@@ -8,7 +8,29 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import orjson
+
 from backends.base import Backend
+
+_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def encode(value: Any) -> bytes:
+    """Compact JSON of ``value`` in UTF-8, by orjson (several times the standard library's
+    speed: an access line, an audit record and a response body per request); what orjson
+    refuses (a lone surrogate in a string) by the standard library."""
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # orjson.JSONEncodeError
+        return _compact(value).encode(errors="surrogateescape")
+
+
+def encode_text(value: Any) -> str:
+    """``encode`` as text."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return _compact(value)
 
 
 class DocumentTooLarge(ValueError):

@@ -33,6 +33,7 @@ from backends.base import (
 
 from . import keys, zerocopy
 from .conditional import NOT_MODIFIED, evaluate, http_date, quote_etag, select_range
+from .documents import encode_text
 from .errors import (
     BadRequest,
     ChecksumMismatch,
@@ -281,6 +282,7 @@ async def put_file(request: web.Request, scope: Scope, raw_key: str | None) -> w
         {"uri": keys.make_uri(key), "key": key, "size": info.size, "etag": etag},
         status=201,
         headers={"ETag": etag} if etag else None,
+        dumps=encode_text,
     )
 
 

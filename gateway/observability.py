@@ -26,15 +26,12 @@ bookkeeping (measured: 42 us a record, 6 us a line added directly).
 from __future__ import annotations
 
 import asyncio
-import functools
-import json
 import logging
 import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Final
 
 from aiohttp import web
@@ -43,12 +40,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.exposition import generate_latest
 
 from .access import Identity, identify
-from .audit import WAIT_BEFORE_RESPONSE, AuditLog, Pending, make_record, now_ns
+from .audit import WAIT_BEFORE_RESPONSE, AuditLog, Pending, iso_time, make_record, now_ns
+from .documents import encode_text
 from .errors import Forbidden
 from .state import CONFIG, REGISTRY
 from .zerocopy import TAKEN
 
-_encode_line = json.JSONEncoder(ensure_ascii=False).encode  # built once, not per line
+_encode_line = encode_text
 access_log = logging.getLogger("gateway.access")
 
 METHODS: Final = frozenset({"GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"})
@@ -217,14 +215,7 @@ def _bytes_out(request: web.Request, response: web.StreamResponse | None, status
 
 def _iso_now() -> str:
     """The time now, ISO 8601 in UTC with milliseconds (``2026-11-28T13:35:12.345Z``)."""
-    now = time.time()
-    seconds = int(now)
-    return f"{_iso_second(seconds)}.{int((now - seconds) * 1000):03d}Z"
-
-
-@functools.lru_cache(maxsize=4)
-def _iso_second(seconds: int) -> str:
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return iso_time(time.time_ns())
 
 
 def _finish(
