@@ -1121,6 +1121,7 @@ class LocalBackend(Backend):
         self._spares: _Spares | None = None  # set by start(): on a local disk file system
         self._base: int | None = None  # set by start(): the base directory, kept open
         self._ring: _uring.Ring | None = None  # set by start() where spares are on
+        self._own_tmp: int | None = None  # set by start(): this instance's temporary folder
 
     # Every method below named ``_x`` runs in a worker thread and closes what it opens.
 
@@ -1156,7 +1157,9 @@ class LocalBackend(Backend):
         return fd
 
     def _open_own_tmp(self) -> int:
-        """A descriptor of this instance's temporary folder."""
+        """A descriptor of this instance's temporary folder (the caller's to close)."""
+        if self._own_tmp is not None and self._tmp_lock is not None:  # started, not closed
+            return os.dup(self._own_tmp)  # no path to look up
         return self._open_dir(self._tmp_segments, TMP_DIR)
 
     def _lookup_dir(self, segments: list[str], key: str) -> int:
@@ -1217,7 +1220,9 @@ class LocalBackend(Backend):
                 os.close(own)
                 self._close()
                 raise
-            os.close(own)
+            if self._own_tmp is not None:  # started again after a close
+                os.close(self._own_tmp)
+            self._own_tmp = own  # kept: each write's temporary file is made through a dup
         finally:
             os.close(tmp)
 
@@ -1266,10 +1271,12 @@ class LocalBackend(Backend):
         # Not in close(): a worker thread that outlived its cancelled request may still look
         # a key up, and a descriptor number closed under it could name another directory by
         # then. Nothing refers to this backend any more here.
-        base, self._base = getattr(self, "_base", None), None
-        if base is not None:
-            with contextlib.suppress(Exception):  # OSError; or os half gone at exit
-                os.close(base)
+        for name in ("_base", "_own_tmp"):
+            fd = getattr(self, name, None)
+            setattr(self, name, None)
+            if fd is not None:
+                with contextlib.suppress(Exception):  # OSError; or os half gone at exit
+                    os.close(fd)
 
     def _close(self) -> None:
         lock, self._tmp_lock = self._tmp_lock, None
