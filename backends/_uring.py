@@ -36,7 +36,7 @@ import os
 import platform
 import struct
 import sys
-from typing import Final, NamedTuple
+from typing import Any, Final, NamedTuple
 
 # <linux/io_uring.h>; the system call numbers are the same on every architecture.
 _SYS_SETUP: Final = 425
@@ -83,10 +83,23 @@ class Op(NamedTuple):
     keep: tuple[object, ...]  # what ``addr``/``offset`` point into: alive until done
 
 
-def _address(buffer: bytes) -> int:
-    address = ctypes.cast(ctypes.c_char_p(buffer), ctypes.c_void_p).value
+def _data_offset() -> int:
+    """How far a ``bytes`` object's data lies from its ``id`` (CPython's object layout),
+    measured once: ``id(data) + offset`` is then its address, without a ctypes object."""
+    probe = b"where does the data start"
+    address = ctypes.cast(ctypes.c_char_p(probe), ctypes.c_void_p).value
     assert address is not None
-    return address
+    return address - id(probe)
+
+
+_DATA_OFFSET: Final = _data_offset()
+
+
+def _address(buffer: bytes) -> int:
+    """The address of the data of ``buffer``, a ``bytes`` object (immutable: it stays put)."""
+    if type(buffer) is not bytes:
+        raise TypeError("a bytes object is needed")
+    return id(buffer) + _DATA_OFFSET
 
 
 def openat(dir_fd: int, name: bytes, flags: int, mode: int) -> Op:
@@ -123,17 +136,20 @@ class _Chain:
         self.left = len(ops)
 
 
-_libc: ctypes.CDLL | None = None
+_ZEROS: Final = (0,) * 6
+_libc_syscall: Any = None
 
 
 def _syscall(number: int, *args: int) -> int:
-    """A raw system call (every argument a C long: descriptors, counts, addresses, 0 for
-    NULL); raises OSError on failure."""
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.syscall.restype = ctypes.c_long
-    result = int(_libc.syscall(ctypes.c_long(number), *map(ctypes.c_long, args)))
+    """A raw system call (up to six arguments, each a C long: descriptors, counts,
+    addresses, 0 for NULL); raises OSError on failure."""
+    global _libc_syscall
+    if _libc_syscall is None:
+        function = ctypes.CDLL(None, use_errno=True).syscall
+        function.restype = ctypes.c_long
+        function.argtypes = (ctypes.c_long,) * 7  # converted in C: no ctypes object per call
+        _libc_syscall = function
+    result = int(_libc_syscall(number, *args, *_ZEROS[len(args) :]))
     if result < 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
