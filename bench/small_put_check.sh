@@ -1,0 +1,55 @@
+#!/bin/bash
+# A check of the small-PUT ratio outside bench/compare.py: `gateway serve --workers 2` (tenants
+# and auth on, a service-account token) against `rclone serve webdav`, each driven by plain
+# `wrk -t2 -c32 -d8s` with the Lua script below (each wrk thread overwrites its own KEYS keys,
+# 4 KiB each), alternating, three rounds. Prints requests/s per round and the ratio.
+#
+#     bench/small_put_check.sh            # KEYS=1000 (per wrk thread) by default
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/small-put-check-XXXX")
+GW_PID= RC_PID=
+cleanup() {
+    [ -n "$GW_PID" ] && kill -TERM -- "-$GW_PID" 2>/dev/null || true
+    [ -n "$RC_PID" ] && kill -TERM -- "-$RC_PID" 2>/dev/null || true
+    sleep 1
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+GATEWAY="$ROOT/.venv/bin/gateway"
+export GATEWAY_STORAGE_TYPE=local GATEWAY_STORAGE_LOCAL_BASE_PATH="$WORK/data"
+export GATEWAY_TENANTS_ENABLED=true GATEWAY_AUTH_ENABLED=true GATEWAY_SERVER_PORT=18111
+export GATEWAY_ADMIN_USERNAME=admin GATEWAY_ADMIN_PASSWORD="check-$RANDOM-$RANDOM-password"
+export GATEWAY_ADMIN_PASSWORD_FILE="$WORK/admin-password.txt"
+"$GATEWAY" tenants create --tenant acme --name Acme >/dev/null
+"$GATEWAY" service-accounts create --name writer >/dev/null
+"$GATEWAY" service-accounts grant --name writer --tenant acme --role EDITOR >/dev/null
+TOKEN=$("$GATEWAY" tokens create --service-account writer | tail -1)
+setsid "$GATEWAY" serve --workers 2 >"$WORK/gateway.log" 2>&1 &
+GW_PID=$!
+mkdir -p "$WORK/dav"
+setsid rclone serve webdav "$WORK/dav" --addr 127.0.0.1:18112 --user u --pass p \
+    >"$WORK/rclone.log" 2>&1 &
+RC_PID=$!
+sleep 4
+cat >"$WORK/put.lua" <<LUA
+local n, threads = 0, 0
+local body = string.rep("z", 4096)
+function setup(thread) threads = threads + 1; thread:set("id", threads) end
+function init(args)
+   prefix = args[1]
+   wrk.headers["Authorization"] = args[2]
+   wrk.headers["Content-Type"] = "application/octet-stream"
+end
+function request()
+   n = n + 1
+   return wrk.format("PUT", prefix .. "w" .. id .. "-" .. (n % ${KEYS:-1000}), nil, body)
+end
+LUA
+BASIC="Basic $(printf u:p | base64)"
+rate() { wrk -t2 -c32 -d8s -s "$WORK/put.lua" "$@" | awk '/Requests\/sec/ {print $2}'; }
+for round in 1 2 3; do
+    g=$(rate http://127.0.0.1:18111 -- /api/v1/acme/files/check/ "Bearer $TOKEN")
+    r=$(rate http://127.0.0.1:18112 -- /check- "$BASIC")
+    echo "round $round: gateway $g PUT/s, rclone webdav $r PUT/s, ratio $(awk "BEGIN {printf \"%.2f\", $g / $r}")"
+done
