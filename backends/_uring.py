@@ -42,8 +42,7 @@ from typing import Any, Final, NamedTuple
 _SYS_SETUP: Final = 425
 _SYS_ENTER: Final = 426
 _SYS_REGISTER: Final = 427
-_OFF_SQ_RING: Final = 0
-_OFF_CQ_RING: Final = 0x8000000
+_OFF_SQ_RING: Final = 0  # and, with _FEAT_SINGLE_MMAP (required), the completion ring
 _OFF_SQES: Final = 0x10000000
 _FEAT_SINGLE_MMAP: Final = 1 << 0
 _FEAT_NODROP: Final = 1 << 1

@@ -99,8 +99,8 @@ LOCK_NAME: Final = "lock"
 """In each process's temporary folder: the file it holds an ``flock`` on while it runs."""
 
 XATTR: Final = "user.gateway"
-_XATTR_NAME: Final = XATTR.encode() + b"\0"  # for io_uring: a C string
 """The extended attribute that holds an object's content type and user metadata."""
+_XATTR_NAME: Final = XATTR.encode() + b"\0"  # for io_uring: a C string
 
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: opening a FIFO someone planted must not hang a worker thread.
@@ -1652,7 +1652,7 @@ class LocalBackend(Backend):
         name = f"{secrets.token_hex(16)}.tmp"
         try:
             chain = ring.run([_uring.openat(tmp, os.fsencode(name) + b"\0", _TEMP_FLAGS, 0o666)])
-        except BaseException:
+        except OSError:  # the kernel took none: a thread makes it
             os.close(tmp)
             return None
         try:
@@ -1690,13 +1690,12 @@ class LocalBackend(Backend):
         xattr: bytes | None,
     ) -> os.stat_result:
         """A small write into a spare or a new temporary file, in two steps that may wait
-        for the disk: the body,
-        attribute and ``fsync``; then, after the lookup of the key's directory and the
-        exchange, made here on the event loop, the directory's ``fsync``. Both steps go to
-        the io_uring ring where there is one (a worker thread's every system call contends
-        with the event loop for the GIL, and under load that costs more than the write),
-        else to worker threads; a step the ring could not finish is made again by a thread,
-        which raises what fails."""
+        for the disk: the body, attribute and ``fsync``; then, after the lookup of the key's
+        directory and the exchange, made here on the event loop, the directory's ``fsync``.
+        Both steps go to the io_uring ring where there is one (a worker thread's every
+        system call contends with the event loop for the GIL, and under load that costs
+        more than the write), else to worker threads; a step the ring could not finish is
+        made again by a thread, which raises what fails."""
         parent = None
         ring = self._ring
         chain = None
