@@ -727,19 +727,26 @@ class _TempFile:
         return True
 
     def install(
-        self, parent_fd: int, name: str, key: str, exclusive: bool, spares: _Spares | None = None
+        self,
+        parent_fd: int,
+        name: str,
+        key: str,
+        exclusive: bool,
+        spares: _Spares | None = None,
+        there: bool | None = None,
     ) -> os.stat_result:
         """Give the file the name ``name`` in ``parent_fd``; return its status. ``settle``
         must follow. With ``spares``, a file it replaces is kept there rather than dropped by
-        the rename (or left for ``settle`` to remove)."""
+        the rename (or left for ``settle`` to remove). ``there``: whether a file was found at
+        the name just before (None: not looked)."""
         with self._lock:
             self._check()
             if exclusive:
                 _rename_noreplace(self._dir_fd, self._name, parent_fd, name, key, is_dir=False)
             else:
                 replaced = None
-                if spares is not None:
-                    replaced = spares.exchange(self._dir_fd, self._name, parent_fd, name)
+                if spares is not None and there is not False:
+                    replaced = spares.exchange(self._dir_fd, self._name, parent_fd, name, there)
                 if replaced is None:
                     os.rename(self._name, name, src_dir_fd=self._dir_fd, dst_dir_fd=parent_fd)
                 else:
@@ -828,19 +835,24 @@ class _Spares:
         self._lock = threading.Lock()
         self.enabled = _renameat2 is not None
 
-    def exchange(self, tmp: int, name: str, parent_fd: int, target: str) -> os.stat_result | None:
+    def exchange(
+        self, tmp: int, name: str, parent_fd: int, target: str, known: bool | None = None
+    ) -> os.stat_result | None:
         """Install ``tmp/name`` as ``target`` in ``parent_fd`` by exchanging it with the file
         there, which lands under ``tmp/name``; return that file's status (for ``keep``, once
         the exchange is durable), or None if there was nothing to exchange with (or
-        exchanges are unsupported), for the caller to rename."""
+        exchanges are unsupported), for the caller to rename. ``known``: True if the caller
+        has just found a file there (no look before the exchange; a directory that took its
+        place meanwhile is put back after it, as below)."""
         if not self.enabled or _renameat2 is None:
             return None
-        try:
-            there = os.stat(target, dir_fd=parent_fd, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
-        if stat.S_ISDIR(there.st_mode):  # fail as the rename over it would have
-            raise IsADirectoryError(errno.EISDIR, "is a directory", target)
+        if not known:
+            try:
+                there = os.stat(target, dir_fd=parent_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                return None
+            if stat.S_ISDIR(there.st_mode):  # fail as the rename over it would have
+                raise IsADirectoryError(errno.EISDIR, "is a directory", target)
         src, dst = os.fsencode(name), os.fsencode(target)
         if _renameat2(tmp, src, parent_fd, dst, _RENAME_EXCHANGE) != 0:
             code = ctypes.get_errno()
@@ -1084,6 +1096,104 @@ def _settled_by_ring(
         os.close(parent)
 
 
+def _fsync_result(fd: int) -> list[int]:
+    """``os.fsync(fd)`` as the ring reports it: ``[0]``, or ``[-errno]``."""
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        return [-(exc.errno or errno.EIO)]
+    return [0]
+
+
+class _DirectorySyncs:
+    """Group commit of the directory ``fsync`` that ends a small write (``_write_small``).
+
+    A rename is durable once an ``fsync`` of its directory that *started after it* has
+    completed. While one runs for a directory, the renames made there meanwhile wait for the
+    next one, started as soon as the running one ends: under load, one ``fsync`` per round
+    for every write of the round, rather than one each. The ``fsync`` goes to the ring (a
+    worker thread where it cannot take it), on a descriptor of the directory of its own,
+    kept while rounds follow each other. Directories are told apart by device and inode
+    (each caller holds its directory open: the inode cannot be reused meanwhile)."""
+
+    def __init__(self) -> None:
+        self._running: dict[tuple[int, int], _DirectorySync] = {}
+
+    def after(self, directory: int, ring: _uring.Ring) -> asyncio.Future[list[int]]:
+        """A future of ``[result]`` (0, or ``-errno``) of an ``fsync`` of ``directory`` that
+        starts after this call, by ``ring`` (or a thread). Never cancelled: callers shield
+        it."""
+        st = os.fstat(directory)
+        where = (st.st_dev, st.st_ino)
+        sync = self._running.get(where)
+        if sync is None:
+            sync = _DirectorySync(self._running, where, os.dup(directory))
+            self._running[where] = sync
+        return sync.next_round(ring)
+
+
+class _DirectorySync:
+    """The rounds of ``fsync`` of one directory (``_DirectorySyncs``)."""
+
+    __slots__ = ("_fd", "_next", "_ring", "_running", "_syncs", "_where")
+
+    def __init__(
+        self, syncs: dict[tuple[int, int], _DirectorySync], where: tuple[int, int], fd: int
+    ) -> None:
+        self._syncs = syncs
+        self._where = where
+        self._fd = fd
+        self._ring: _uring.Ring | None = None
+        self._running = False
+        self._next: asyncio.Future[list[int]] | None = None
+
+    def next_round(self, ring: _uring.Ring) -> asyncio.Future[list[int]]:
+        """The future of the next round (started now if none runs)."""
+        self._ring = ring
+        if self._next is None:
+            self._next = asyncio.get_running_loop().create_future()
+        future = self._next
+        if not self._running:
+            self._start()
+        return future
+
+    def _start(self) -> None:
+        future, self._next = self._next, None
+        assert future is not None
+        ring = self._ring
+        running: asyncio.Future[list[int]] | None = None
+        try:
+            if ring is not None and ring.usable(1):
+                with contextlib.suppress(OSError):  # the kernel took none: a thread does it
+                    running = ring.run([_uring.fsync(self._fd)])
+            if running is None:
+                loop = asyncio.get_running_loop()
+                running = loop.run_in_executor(None, _fsync_result, self._fd)
+        except BaseException as exc:  # e.g. no executor any more: this round cannot run
+            future.set_exception(exc)
+            self._end()
+            return
+        self._running = True
+        running.add_done_callback(functools.partial(self._ended, future))
+
+    def _ended(self, future: asyncio.Future[list[int]], running: asyncio.Future[list[int]]) -> None:
+        if running.cancelled():  # a thread's queue dropped at shutdown: not known to be done
+            future.set_result([-errno.ECANCELED])
+        elif running.exception() is not None:
+            future.set_exception(running.exception())  # type: ignore[arg-type]
+        else:
+            future.set_result(running.result())
+        self._running = False
+        if self._next is not None:
+            self._start()
+        else:
+            self._end()
+
+    def _end(self) -> None:
+        del self._syncs[self._where]
+        os.close(self._fd)
+
+
 def _drop_opened(tmp: int, name: str, opening: asyncio.Future[list[int]]) -> None:
     """Once the ring's open of ``tmp/name`` for a cancelled write is done: undo it."""
     try:
@@ -1122,6 +1232,7 @@ class LocalBackend(Backend):
         self._base: int | None = None  # set by start(): the base directory, kept open
         self._ring: _uring.Ring | None = None  # set by start() where spares are on
         self._own_tmp: int | None = None  # set by start(): this instance's temporary folder
+        self._dir_syncs = _DirectorySyncs()
 
     # Every method below named ``_x`` runs in a worker thread and closes what it opens.
 
@@ -1456,13 +1567,22 @@ class LocalBackend(Backend):
             # began must not take the object with it.
             checked = self._reads_on_loop and size <= SMALL_WRITE_MAX
             if checked:
-                self._check_writable(segments, key, exclusive)
-                temp = self._take_spare()
-                if temp is None and self._ring is not None:
-                    temp = await self._new_temp_by_ring(self._ring)
+                parent, there = self._look_before_write(segments, key, exclusive)
+                try:
+                    temp = self._take_spare()
+                    if temp is None and self._ring is not None:
+                        temp = await self._new_temp_by_ring(self._ring)
+                except BaseException:
+                    if parent is not None:
+                        os.close(parent)
+                    raise
                 if temp is not None:
-                    st = await self._write_small(temp, segments, key, exclusive, head, xattr)
+                    st = await self._write_small(
+                        temp, segments, key, exclusive, head, xattr, parent, there
+                    )
                     return _file_info(key, st, content_type, metadata)
+                if parent is not None:
+                    os.close(parent)
             cancelled = _Flag()
             try:
                 st = await asyncio.to_thread(
@@ -1572,15 +1692,35 @@ class LocalBackend(Backend):
         return _open_temp(self._open_own_tmp())
 
     def _check_writable(self, segments: list[str], key: str, exclusive: bool) -> None:
-        st = self._lstat(segments, key)
-        if st is None:
-            return  # the write will create it (and what is missing above it)
-        if stat.S_ISLNK(st.st_mode):
-            raise _symlink_error(key)
-        if stat.S_ISDIR(st.st_mode):
-            raise IsADirectoryError(errno.EISDIR, "is a directory", key)
-        if exclusive:
+        parent, _ = self._look_before_write(segments, key, exclusive)
+        if parent is not None:
+            os.close(parent)
+
+    def _look_before_write(
+        self, segments: list[str], key: str, exclusive: bool
+    ) -> tuple[int | None, bool]:
+        """Refuse a write that cannot land at ``key``; return its directory, open (None if
+        it, or one above it, is missing: the write makes it), and whether an entry is at
+        the key (a file the write is to replace)."""
+        try:
+            parent = self._open_dir(segments[:-1], key)
+        except FileNotFoundError:
+            return None, False  # the write will create it (and what is missing above it)
+        try:
+            st = os.stat(segments[-1], dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return parent, False
+        except BaseException:
+            os.close(parent)
+            raise
+        if stat.S_ISLNK(st.st_mode) or stat.S_ISDIR(st.st_mode) or exclusive:
+            os.close(parent)
+            if stat.S_ISLNK(st.st_mode):
+                raise _symlink_error(key)
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, "is a directory", key)
             raise FileExistsError(errno.EEXIST, "object exists", key)
+        return parent, True
 
     def _lstat(self, segments: list[str], key: str) -> os.stat_result | None:
         """Given a key's segments, return the status of the entry there (a link not followed),
@@ -1688,15 +1828,18 @@ class LocalBackend(Backend):
         exclusive: bool,
         data: list[bytes],
         xattr: bytes | None,
+        parent: int | None,
+        there: bool,
     ) -> os.stat_result:
         """A small write into a spare or a new temporary file, in two steps that may wait
-        for the disk: the body, attribute and ``fsync``; then, after the lookup of the key's
-        directory and the exchange, made here on the event loop, the directory's ``fsync``.
-        Both steps go to the io_uring ring where there is one (a worker thread's every
-        system call contends with the event loop for the GIL, and under load that costs
-        more than the write), else to worker threads; a step the ring could not finish is
-        made again by a thread, which raises what fails."""
-        parent = None
+        for the disk: the body, attribute and ``fsync``; then, after the exchange (or rename)
+        into the key's directory ``parent`` (opened by the checks before; this call closes
+        it; None if it is to be made), made here on the event loop, the directory's
+        ``fsync``. Both steps go to the io_uring ring where there is one (a worker thread's
+        every system call contends with the event loop for the GIL, and under load that
+        costs more than the write), else to worker threads; a step the ring could not finish
+        is made again by a thread, which raises what fails. ``there``: whether the checks
+        found a file at the key."""
         ring = self._ring
         chain = None
         try:
@@ -1710,17 +1853,16 @@ class LocalBackend(Backend):
                 sealed = temp.sealed_by_ring(ops, await asyncio.shield(chain))
             if not sealed:
                 await asyncio.to_thread(_fill_and_seal, temp, data, xattr)
-            try:
-                parent = self._open_dir(segments[:-1], key)
-            except FileNotFoundError:
-                pass  # its directory is to be made: in the thread below
-            else:
+            if parent is not None:
                 try:
-                    st = temp.install(parent, segments[-1], key, exclusive, self._spares)
-                except BaseException:
+                    st = temp.install(parent, segments[-1], key, exclusive, self._spares, there)
+                except FileNotFoundError:
+                    # The directory was removed since the checks: looked up (or made) anew.
                     os.close(parent)
-                    raise
+                    parent = None
         except BaseException:
+            if parent is not None:
+                os.close(parent)
             # On cancellation too; discard() waits for a call still running in its thread,
             # and for a chain still in the ring: a linked operation looks its descriptor up
             # only when it runs, and the number, closed, could name another file by then.
@@ -1731,17 +1873,16 @@ class LocalBackend(Backend):
             raise
         if parent is None:
             return await _to_the_end(self._install_or_discard, temp, segments, key, exclusive)
-        chain = None
-        if ring is not None and temp.replaced_small() and ring.usable(1):
-            with contextlib.suppress(OSError):  # the kernel took none: a thread does it
-                chain = ring.run([_uring.fsync(parent)])
-        if chain is None:
+        syncing = None
+        if ring is not None and temp.replaced_small():
+            syncing = self._dir_syncs.after(parent, ring)
+        if syncing is None:
             await _to_the_end(_settle, temp, parent, self._spares)
             return st
         # The rest of _settle once the fsync has run, whatever becomes of this task: the
         # directory and the temporary folder stay open until then.
         settled = asyncio.get_running_loop().create_future()
-        chain.add_done_callback(
+        syncing.add_done_callback(
             functools.partial(_settled_by_ring, temp, parent, self._spares, settled)
         )
         try:
