@@ -106,19 +106,18 @@ def _from_exception(exc: BaseException) -> web.Response | None:
 
 
 @web.middleware
-async def in_flight_middleware(
+async def answer_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    tracker = request.app[IN_FLIGHT]
-    tracker.enter()
-    try:
-        return await handler(request)
-    finally:
-        tracker.leave()
+    """The inner middleware (one layer, not three, on every request): 503 until the storage
+    is ready; every error turned into its JSON answer (``_answer``); then a connection whose
+    body was taken closed (``zerocopy.after_taken_body``)."""
+    if not request.app[STARTED].is_set() and request.path not in ALWAYS_SERVED:
+        return _error(503, "storage_unavailable", "the storage is not ready yet; try again")
+    return await zerocopy.after_taken_body(request, await _answer(request, handler))
 
 
-@web.middleware
-async def error_middleware(
+async def _answer(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     try:
@@ -298,26 +297,9 @@ async def _start_storage(app: web.Application, config: Config) -> None:
         return
 
 
-@web.middleware
-async def started_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    if not request.app[STARTED].is_set() and request.path not in ALWAYS_SERVED:
-        return _error(503, "storage_unavailable", "the storage is not ready yet; try again")
-    return await handler(request)
-
-
 def create_app(config: Config, backend: Backend | None = None) -> web.Application:
     """Given a checked configuration (and optionally a backend), return the application."""
-    app = web.Application(
-        middlewares=[
-            in_flight_middleware,
-            observability_middleware,
-            started_middleware,
-            zerocopy.taken_body_middleware,
-            error_middleware,
-        ]
-    )
+    app = web.Application(middlewares=[observability_middleware, answer_middleware])
     observability.install_log_filters()
     app[IN_FLIGHT] = InFlight()
     app[METRICS] = Metrics()

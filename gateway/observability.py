@@ -43,7 +43,7 @@ from .access import Identity, identify
 from .audit import WAIT_BEFORE_RESPONSE, AuditLog, Pending, iso_time, make_record, now_ns
 from .documents import encode_text
 from .errors import Forbidden
-from .state import CONFIG, REGISTRY
+from .state import CONFIG, IN_FLIGHT, REGISTRY
 from .zerocopy import TAKEN
 
 _encode_line = encode_text
@@ -280,32 +280,40 @@ def _count_audit(metrics: Metrics, task: asyncio.Future[bool]) -> None:
 async def observability_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    started = time.perf_counter()
-    info = RequestInfo()
-    resource = request.match_info.route.resource
-    canonical = None if resource is None else resource.canonical
-    if canonical is not None and canonical != CATCH_ALL:
-        info.route = canonical
-        if "tenant" in request.match_info:
-            info.tenant = tenant_label(request, request.match_info["tenant"])
-    request[REQUEST_INFO] = info
+    """The outer middleware: the request counted in flight (shutdown waits for it) until its
+    answer and its audit record's wait end; metrics, the access line, the audit record."""
+    tracker = request.app[IN_FLIGHT]
+    tracker.enter()
     try:
-        response = await handler(request)
-    except BaseException as exc:
-        if isinstance(exc, web.HTTPException):
-            status = exc.status
-        elif isinstance(exc, asyncio.CancelledError):
-            status = 499  # the client went away (nginx's word for it)
-        else:
-            status = 500
-        _finish(request, info, status, None, started)
-        raise
-    task = _finish(request, info, response.status, response, started)
-    if task is not None:
-        # Bounded: a slow store delays the answer by WAIT_BEFORE_RESPONSE at most, and the
-        # write goes on in the background (the audit log tracks it; shutdown flushes it).
-        await _wait_at_most(task, WAIT_BEFORE_RESPONSE)
-    return response
+        started = time.perf_counter()
+        info = RequestInfo()
+        resource = request.match_info.route.resource
+        canonical = None if resource is None else resource.canonical
+        if canonical is not None and canonical != CATCH_ALL:
+            info.route = canonical
+            if "tenant" in request.match_info:
+                info.tenant = tenant_label(request, request.match_info["tenant"])
+        request[REQUEST_INFO] = info
+        try:
+            response = await handler(request)
+        except BaseException as exc:
+            if isinstance(exc, web.HTTPException):
+                status = exc.status
+            elif isinstance(exc, asyncio.CancelledError):
+                status = 499  # the client went away (nginx's word for it)
+            else:
+                status = 500
+            _finish(request, info, status, None, started)
+            raise
+        task = _finish(request, info, response.status, response, started)
+        if task is not None:
+            # Bounded: a slow store delays the answer by WAIT_BEFORE_RESPONSE at most, and
+            # the write goes on in the background (the audit log tracks it; shutdown flushes
+            # it).
+            await _wait_at_most(task, WAIT_BEFORE_RESPONSE)
+        return response
+    finally:
+        tracker.leave()
 
 
 async def _wait_at_most(future: asyncio.Future[Any], timeout: float) -> None:

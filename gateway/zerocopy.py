@@ -12,7 +12,7 @@ Uploads. ``take_body`` takes the rest of a large request body away from aiohttp:
 buffered becomes the body's head, the transport stops reading, and the backend splices the
 remaining ``Content-Length`` bytes from a duplicate of the socket into its file. aiohttp's
 parser never sees those bytes, so the connection cannot carry another request: the response
-says ``Connection: close`` (``taken_body_middleware``).
+says ``Connection: close`` (``after_taken_body``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ import asyncio
 import errno
 import os
 import threading
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -210,14 +209,13 @@ def body_ended_early() -> BadRequest:
     return BadRequest("the connection closed before the end of the body; nothing was stored")
 
 
-@web.middleware
-async def taken_body_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+async def after_taken_body(
+    request: web.Request, response: web.StreamResponse
 ) -> web.StreamResponse:
-    """Close a connection whose body was taken after its answer (it can carry no other
-    request). If that body was not stored, send the answer first, then read and drop what
-    the client still sends (for at most ``LINGER_SECONDS``) before the connection closes."""
-    response = await handler(request)
+    """Given a request and its answer: close a connection whose body was taken after its
+    answer (it can carry no other request). If that body was not stored, send the answer
+    first, then read and drop what the client still sends (for at most
+    ``LINGER_SECONDS``) before the connection closes. (Called by the app's middleware.)"""
     taken = request.get(TAKEN)
     if taken is None:
         return response
