@@ -59,6 +59,9 @@ _DRIVE: Final = re.compile(r"[A-Za-z]:")
 # Bidirectional controls reorder what a person reads (a file named "txt.exe" shown as
 # "exe.txt"): refused with the controls, as in Trojan Source (CVE-2021-42574).
 _BIDI: Final = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# What _check_text refuses character by character, found in one scan (the loop runs only on
+# a segment that holds one of them, to name the first).
+_SUSPECT: Final = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff" + "".join(sorted(_BIDI)) + "]")
 _KESTRA_SCHEME: Final = "kestra:"
 
 
@@ -115,15 +118,16 @@ def _check_text(segment: str, *, lookalike: bool) -> None:
         raise _refuse("lookalike", prefix + "'/' is not allowed")
     if "\\" in segment:
         raise _refuse(rule or "backslash", prefix + "a backslash is not allowed")
-    for ch in segment:
-        code = ord(ch)
-        if code < 0x20 or 0x7F <= code <= 0x9F or ch in _BIDI:
-            raise _refuse(
-                rule or "control-character",
-                prefix + f"the control character U+{code:04X} is not allowed",
-            )
-        if 0xD800 <= code <= 0xDFFF:
-            raise _refuse("invalid-utf8", "a key must be valid UTF-8 (no lone surrogates)")
+    if _SUSPECT.search(segment):  # else no character below can be refused
+        for ch in segment:
+            code = ord(ch)
+            if code < 0x20 or 0x7F <= code <= 0x9F or ch in _BIDI:
+                raise _refuse(
+                    rule or "control-character",
+                    prefix + f"the control character U+{code:04X} is not allowed",
+                )
+            if 0xD800 <= code <= 0xDFFF:
+                raise _refuse("invalid-utf8", "a key must be valid UTF-8 (no lone surrogates)")
     if segment.strip(".") == "":
         raise _refuse(
             rule or "dot-segment", prefix + "a segment made only of dots ('.', '..') is not allowed"
