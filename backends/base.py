@@ -215,6 +215,24 @@ class Backend(ABC):
         FileExistsError, IsADirectoryError, NotADirectoryError
         """
 
+    async def write_replacing(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        content_type: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        exclusive: bool = False,
+    ) -> tuple[Info, int | None]:
+        """``write``, and the size of the file the write replaced (``None``: there was none),
+        for usage counters: as ``file_size`` before the write would say. Here it is that
+        look-up; a backend that looks at the key while writing anyway answers from there."""
+        replaced = await self.file_size(key)
+        info = await self.write(
+            key, chunks, content_type=content_type, metadata=metadata, exclusive=exclusive
+        )
+        return info, replaced
+
     splices_sockets: ClassVar[bool] = False
     """True if ``write_socket_body`` is implemented."""
 

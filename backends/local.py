@@ -550,6 +550,15 @@ class _Flag:
         return self._set
 
 
+class _Replaced:
+    """Where a write's checks leave the size of the file at its key (None: no file)."""
+
+    __slots__ = ("size",)
+
+    def __init__(self) -> None:
+        self.size: int | None = None
+
+
 class _WriteCancelled(Exception):
     """The task of a write in a worker thread was cancelled before the write committed."""
 
@@ -1527,6 +1536,23 @@ class LocalBackend(Backend):
             self._write_body(key, chunks, content_type, metadata, exclusive)
         )
 
+    async def write_replacing(
+        self,
+        key: str,
+        chunks: AsyncIterable[bytes],
+        *,
+        content_type: str | None = None,
+        metadata: Mapping[str, str] | None = None,
+        exclusive: bool = False,
+    ) -> tuple[Info, int | None]:
+        # The size comes from the look at the key every write makes before its body: no
+        # look-up of its own.
+        replaced = _Replaced()
+        info = await self._spares_go_when_full(
+            self._write_body(key, chunks, content_type, metadata, exclusive, replaced)
+        )
+        return info, replaced.size
+
     async def _spares_go_when_full(self, writing: Awaitable[Info]) -> Info:
         """Await a write; if the disk was full, remove the spares (the next write may fit)."""
         try:
@@ -1551,6 +1577,7 @@ class LocalBackend(Backend):
         content_type: str | None,
         metadata: Mapping[str, str] | None,
         exclusive: bool,
+        replaced: _Replaced | None = None,
     ) -> Info:
         # A body that ends within the first CHUNK_SIZE bytes is written in one trip to a
         # worker thread (check, temporary file, write, fsync, rename, fsync); a longer one
@@ -1567,34 +1594,26 @@ class LocalBackend(Backend):
             # began must not take the object with it.
             checked = self._reads_on_loop and size <= SMALL_WRITE_MAX
             if checked:
-                parent, there = self._look_before_write(segments, key, exclusive)
-                try:
-                    temp = self._take_spare()
-                    if temp is None and self._ring is not None:
-                        temp = await self._new_temp_by_ring(self._ring)
-                except BaseException:
-                    if parent is not None:
-                        os.close(parent)
-                    raise
+                there = self._check_writable(segments, key, exclusive, replaced)
+                temp = self._take_spare()
+                if temp is None and self._ring is not None:
+                    temp = await self._new_temp_by_ring(self._ring)
                 if temp is not None:
-                    st = await self._write_small(
-                        temp, segments, key, exclusive, head, xattr, parent, there
-                    )
+                    st = await self._write_small(temp, segments, key, exclusive, head, xattr, there)
                     return _file_info(key, st, content_type, metadata)
-                if parent is not None:
-                    os.close(parent)
             cancelled = _Flag()
             try:
                 st = await asyncio.to_thread(
-                    self._write_whole, segments, key, exclusive, head, xattr, cancelled, checked
-                )
+                    self._write_whole,
+                    segments, key, exclusive, head, xattr, cancelled, checked, replaced,
+                )  # fmt: skip
             except asyncio.CancelledError:
                 cancelled.set()  # the thread drops the file, unless it was already renamed
                 raise
             return _file_info(key, st, content_type, metadata)
         rest = _chain(head, iterator)
         return await self._write(
-            key, functools.partial(_fill, rest), content_type, metadata, exclusive
+            key, functools.partial(_fill, rest), content_type, metadata, exclusive, replaced
         )
 
     def _write_whole(
@@ -1606,11 +1625,12 @@ class LocalBackend(Backend):
         xattr: bytes | None,
         cancelled: _Flag,
         checked: bool,
+        replaced: _Replaced | None,
     ) -> os.stat_result:
         if checked:  # _check_writable ran on the event loop (and found no spare ready)
             temp = _open_temp(self._open_own_tmp())
         else:
-            temp = self._begin_write(segments, key, exclusive)
+            temp = self._begin_write(segments, key, exclusive, replaced)
         try:
             return self._end_write(temp, data, xattr, segments, key, exclusive, cancelled)
         except BaseException:
@@ -1662,12 +1682,13 @@ class LocalBackend(Backend):
         content_type: str | None,
         metadata: Mapping[str, str] | None,
         exclusive: bool,
+        replaced: _Replaced | None = None,
     ) -> Info:
         """Open a temporary file, let ``fill`` write the body into it (it returns the bytes it
         left for the end), make it durable and give it its name; on any failure, remove it."""
         segments, metadata, xattr = _prepare(key, content_type, metadata)
         loop = asyncio.get_running_loop()
-        opening = loop.run_in_executor(None, self._begin_write, segments, key, exclusive)
+        opening = loop.run_in_executor(None, self._begin_write, segments, key, exclusive, replaced)
         try:
             temp = await asyncio.shield(opening)
         except asyncio.CancelledError:
@@ -1686,41 +1707,30 @@ class LocalBackend(Backend):
             raise
         return _file_info(key, st, content_type, metadata)
 
-    def _begin_write(self, segments: list[str], key: str, exclusive: bool) -> _TempFile:
+    def _begin_write(
+        self, segments: list[str], key: str, exclusive: bool, replaced: _Replaced | None = None
+    ) -> _TempFile:
         """Refuse a write that cannot land before its body is read; open its temporary file."""
-        self._check_writable(segments, key, exclusive)
+        self._check_writable(segments, key, exclusive, replaced)
         return _open_temp(self._open_own_tmp())
 
-    def _check_writable(self, segments: list[str], key: str, exclusive: bool) -> None:
-        parent, _ = self._look_before_write(segments, key, exclusive)
-        if parent is not None:
-            os.close(parent)
-
-    def _look_before_write(
-        self, segments: list[str], key: str, exclusive: bool
-    ) -> tuple[int | None, bool]:
-        """Refuse a write that cannot land at ``key``; return its directory, open (None if
-        it, or one above it, is missing: the write makes it), and whether an entry is at
-        the key (a file the write is to replace)."""
-        try:
-            parent = self._open_dir(segments[:-1], key)
-        except FileNotFoundError:
-            return None, False  # the write will create it (and what is missing above it)
-        try:
-            st = os.stat(segments[-1], dir_fd=parent, follow_symlinks=False)
-        except FileNotFoundError:
-            return parent, False
-        except BaseException:
-            os.close(parent)
-            raise
-        if stat.S_ISLNK(st.st_mode) or stat.S_ISDIR(st.st_mode) or exclusive:
-            os.close(parent)
-            if stat.S_ISLNK(st.st_mode):
-                raise _symlink_error(key)
-            if stat.S_ISDIR(st.st_mode):
-                raise IsADirectoryError(errno.EISDIR, "is a directory", key)
+    def _check_writable(
+        self, segments: list[str], key: str, exclusive: bool, replaced: _Replaced | None = None
+    ) -> bool:
+        """Refuse a write that cannot land at ``key``; say whether an entry is there (a file
+        the write is to replace; its size goes to ``replaced``)."""
+        st = self._lstat(segments, key)
+        if st is None:
+            return False  # the write will create it (and what is missing above it)
+        if stat.S_ISLNK(st.st_mode):
+            raise _symlink_error(key)
+        if stat.S_ISDIR(st.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "is a directory", key)
+        if exclusive:
             raise FileExistsError(errno.EEXIST, "object exists", key)
-        return parent, True
+        if replaced is not None and stat.S_ISREG(st.st_mode):
+            replaced.size = st.st_size
+        return True
 
     def _lstat(self, segments: list[str], key: str) -> os.stat_result | None:
         """Given a key's segments, return the status of the entry there (a link not followed),
@@ -1828,18 +1838,18 @@ class LocalBackend(Backend):
         exclusive: bool,
         data: list[bytes],
         xattr: bytes | None,
-        parent: int | None,
         there: bool,
     ) -> os.stat_result:
         """A small write into a spare or a new temporary file, in two steps that may wait
-        for the disk: the body, attribute and ``fsync``; then, after the exchange (or rename)
-        into the key's directory ``parent`` (opened by the checks before; this call closes
-        it; None if it is to be made), made here on the event loop, the directory's
-        ``fsync``. Both steps go to the io_uring ring where there is one (a worker thread's
-        every system call contends with the event loop for the GIL, and under load that
-        costs more than the write), else to worker threads; a step the ring could not finish
-        is made again by a thread, which raises what fails. ``there``: whether the checks
-        found a file at the key."""
+        for the disk: the body, attribute and ``fsync``; then, after the lookup of the key's
+        directory and the exchange, made here on the event loop, the directory's ``fsync``
+        (shared by the writes renamed there meanwhile: ``_DirectorySyncs``). Both steps go
+        to the io_uring ring where there is one (a worker thread's every system call
+        contends with the event loop for the GIL, and under load that costs more than the
+        write), else to worker threads; a step the ring could not finish is made again by a
+        thread, which raises what fails. ``there``: whether the checks found a file at the
+        key."""
+        parent = None
         ring = self._ring
         chain = None
         try:
@@ -1853,16 +1863,19 @@ class LocalBackend(Backend):
                 sealed = temp.sealed_by_ring(ops, await asyncio.shield(chain))
             if not sealed:
                 await asyncio.to_thread(_fill_and_seal, temp, data, xattr)
-            if parent is not None:
+            try:
+                # Looked up now, right before the rename: a directory moved since the checks
+                # must not take the object with it.
+                parent = self._open_dir(segments[:-1], key)
+            except FileNotFoundError:
+                pass  # its directory is to be made: in the thread below
+            else:
                 try:
                     st = temp.install(parent, segments[-1], key, exclusive, self._spares, there)
-                except FileNotFoundError:
-                    # The directory was removed since the checks: looked up (or made) anew.
+                except BaseException:
                     os.close(parent)
-                    parent = None
+                    raise
         except BaseException:
-            if parent is not None:
-                os.close(parent)
             # On cancellation too; discard() waits for a call still running in its thread,
             # and for a chain still in the ring: a linked operation looks its descriptor up
             # only when it runs, and the number, closed, could name another file by then.

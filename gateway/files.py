@@ -47,6 +47,7 @@ from .errors import (
 )
 from .keys import Scope
 from .observability import note_key
+from .registry import Tenant
 from .state import BACKEND, CONFIG, REGISTRY, USAGE
 from .usage import walk_files
 
@@ -212,13 +213,18 @@ class _Limits:
             raise InsufficientStorage(self.budget_rule)
 
 
+def _tenant(request: web.Request, scope: Scope) -> Tenant | None:
+    if scope.tenant is None:
+        return None
+    return request.app[REGISTRY].snapshot.tenants.get(scope.tenant)
+
+
 async def _limits(request: web.Request, scope: Scope, replaced: int | None) -> _Limits:
-    """Given an upload and the object it replaces, return its limits (413 and 507 rules)."""
+    """Given an upload and the object it replaces, return its limits (413 and 507 rules).
+    (``replaced`` counts only under a ``maxBytes`` quota.)"""
     max_size: int = request.app[CONFIG]["limits.max-object-size"]
     size_rule = f"an object is limited to {max_size} bytes (limits.max-object-size)"
-    tenant = (
-        None if scope.tenant is None else request.app[REGISTRY].snapshot.tenants.get(scope.tenant)
-    )
+    tenant = _tenant(request, scope)
     if (
         tenant is not None
         and tenant.max_object_size is not None
@@ -241,7 +247,13 @@ async def put_file(request: web.Request, scope: Scope, raw_key: str | None) -> w
     physical = _key(scope, raw_key)
     headers = request.headers
     backend = _backend(request)
-    replaced = await backend.file_size(physical)  # for the usage counters and quotas
+    # What the upload replaces, for the usage counters and the quota: looked up first under a
+    # maxBytes quota (the budget needs it before the body), else told by the write itself.
+    tenant = _tenant(request, scope)
+    replaced = None
+    looked = tenant is not None and tenant.max_bytes is not None
+    if looked:
+        replaced = await backend.file_size(physical)
     limits = await _limits(request, scope, replaced)
     if request.content_length is not None:
         limits.check(request.content_length)  # before a byte of the body is read
@@ -267,10 +279,14 @@ async def put_file(request: web.Request, scope: Scope, raw_key: str | None) -> w
         socket_body = zerocopy.take_body(request, read_timeout)
     try:
         if socket_body is not None:
+            if not looked:
+                replaced = await backend.file_size(physical)
             info = await backend.write_socket_body(physical, socket_body, **options)
             request[zerocopy.TAKEN].stored = True
-        else:
+        elif looked:
             info = await backend.write(physical, body.chunks(), **options)
+        else:
+            info, replaced = await backend.write_replacing(physical, body.chunks(), **options)
     except FileExistsError:
         raise PreconditionFailed("If-None-Match: * and an object exists at this key") from None
     except EOFError:
