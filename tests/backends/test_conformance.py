@@ -191,6 +191,23 @@ async def test_overwrite_replaces_content_and_changes_etag(backend: Backend) -> 
     assert third.etag not in (first.etag, second.etag)
 
 
+@pytest.mark.parametrize("size", [5, 2 * MiB + 1])  # one chunk; streamed
+async def test_write_replacing_tells_the_size_it_replaced(backend: Backend, size: int) -> None:
+    data = bytes(random.Random(size).getrandbits(8) for _ in range(64)) * (size // 64 + 1)
+    first, replaced = await backend.write_replacing(f"wr{size}/k", body(data[:size]))
+    assert replaced is None and first.size == size  # a new key
+    second, replaced = await backend.write_replacing(f"wr{size}/k", body(b"shorter"))
+    assert replaced == size  # what was there before this write
+    assert second.size == 7 and await get(backend, f"wr{size}/k") == b"shorter"
+    _, replaced = await backend.write_replacing(f"wr{size}/k", body(data[:size]))
+    assert replaced == 7
+    _, replaced = await backend.write_replacing(f"wr{size}/new", body(b"n"), exclusive=True)
+    assert replaced is None
+    with pytest.raises(FileExistsError):
+        await backend.write_replacing(f"wr{size}/new", body(b"again"), exclusive=True)
+    assert await get(backend, f"wr{size}/new") == b"n"
+
+
 async def test_exclusive_write_creates_a_new_object(backend: Backend) -> None:
     await put(backend, "x/new.txt", b"created", exclusive=True)
     assert await get(backend, "x/new.txt") == b"created"
