@@ -289,6 +289,8 @@ async def test_revoked_token_is_refused(make: Make) -> None:
     registry = await make()
     await registry.create_service_account("ci")
     token, plaintext = await registry.create_token("ci")
+    assert registry.verify_token(plaintext) is not None  # proven once: remembered
+    assert registry.verify_token(plaintext) is not None
     revoked = await registry.revoke_token(token.id)
     assert revoked.revoked and not revoked.active(time.time())
     assert registry.verify_token(plaintext) is None
@@ -336,6 +338,7 @@ async def test_malformed_or_forged_tokens_are_refused(make: Make) -> None:
         plaintext.replace("gwt_", "gwx_"),
         secret or "x",
     ]
+    assert registry.verify_token(plaintext) is not None  # proven (and remembered) first
     for bad in bad_tokens:
         assert registry.verify_token(bad) is None, bad
     assert registry.verify_token(plaintext) is not None
