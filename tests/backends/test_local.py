@@ -286,12 +286,15 @@ async def test_a_small_write_on_the_ring_lands_when_its_directory_goes_meanwhile
     await put(store, "tenants/acme/a/b/seed", b"s")
     held_ring.hold = {_uring.OP_WRITE}
     held_ring.release.clear()
+    before = len(held_ring.chains)  # the setup's writes went through the ring too
     removed = asyncio.create_task(put(store, "tenants/acme/d/k", b"kept"))
     moved = asyncio.create_task(put(store, "tenants/acme/a/b/x", b"hello"))
     for _ in range(500):
-        if held_ring.chains.count([_uring.OP_WRITE, _uring.OP_FSYNC]) == 2:
+        if held_ring.chains[before:].count([_uring.OP_WRITE, _uring.OP_FSYNC]) == 2:
             break
         await asyncio.sleep(0.01)
+    else:
+        raise AssertionError(f"the two bodies never reached the ring: {held_ring.chains}")
     os.rmdir(base(store) / "tenants/acme/d")
     store._move("tenants/acme/a/b", "tenants/acme/c/b")
     held_ring.release.set()
@@ -1194,6 +1197,331 @@ async def test_move_without_renameat2_still_refuses_an_existing_destination(
     await store.move("m/dir", "m/dir2")
     assert await names(store, "m", recursive=True) == ["m/b", "m/c", "m/dir2/x"]
     assert await get(store, "m/c") == b"a"
+
+
+# -- the directory's fsync after a small write: one round for the renames made meanwhile ---------
+
+
+def _is_directory_fsync(ops: list[_uring.Op]) -> bool:
+    """Whether a chain is a round of ``_DirectorySyncs``: one fsync, of a directory."""
+    return (
+        len(ops) == 1
+        and ops[0].opcode == _uring.OP_FSYNC
+        and stat.S_ISDIR(os.fstat(ops[0].fd).st_mode)
+    )
+
+
+class _Rounds:
+    """Counts the writes that ask for a directory fsync after their rename
+    (``_DirectorySyncs.after``, ``asked``: the future each got). Over a ``_HeldRing``
+    (``held``), also holds each round the ring is given (a chain of one fsync of a
+    directory), once the kernel has run it, until the test ends it (``end``)."""
+
+    def __init__(
+        self, store: LocalBackend, monkeypatch: pytest.MonkeyPatch, held: _HeldRing | None = None
+    ) -> None:
+        self.asked: list[asyncio.Future[list[int]]] = []
+        self.directories: list[int] = []  # the inode each round synced, in order
+        self.ran: list[asyncio.Future[list[int]]] = []  # each round's fsync, as the ring ran it
+        self._ends: list[asyncio.Event] = []
+        self._changed = asyncio.Event()
+        after = store._dir_syncs.after
+
+        def asking(directory: int, ring: _uring.Ring) -> asyncio.Future[list[int]]:
+            future = after(directory, ring)
+            self.asked.append(future)
+            self._changed.set()
+            return future
+
+        monkeypatch.setattr(store._dir_syncs, "after", asking)
+        if held is None:
+            return
+        run = held.ring.run
+
+        def holding(ops: list[_uring.Op]) -> asyncio.Future[list[int]]:
+            if not _is_directory_fsync(ops):
+                return run(ops)
+            self.directories.append(os.fstat(ops[0].fd).st_ino)
+            end = asyncio.Event()
+            self._ends.append(end)
+            done = run(ops)
+            self.ran.append(done)
+
+            async def ended() -> list[int]:
+                results = await done
+                await end.wait()
+                return results
+
+            self._changed.set()
+            return asyncio.ensure_future(ended())
+
+        held.ring.run = holding  # type: ignore[method-assign]
+
+    def end(self, number: int) -> None:
+        """Let round ``number`` (from 0) end, once the kernel has run it."""
+        self._ends[number].set()
+
+    async def until(self, *, asked: int = 0, rounds: int = 0) -> None:
+        """Wait until ``asked`` writes have asked for a round, and ``rounds`` were handed to
+        the ring."""
+
+        async def waiting() -> None:
+            while len(self.asked) < asked or len(self.directories) < rounds:
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(waiting(), 5)
+
+
+async def test_writes_renamed_while_a_directory_fsync_runs_share_the_next_one(
+    store: LocalBackend, held_ring: _HeldRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = [f"g/{number}" for number in range(4)]
+    for key in keys:
+        await put(store, key, b"old")  # replaced below: small files
+    directory = os.stat(base(store) / "g").st_ino
+    held_ring.chains.clear()  # those of the writes above
+    rounds = _Rounds(store, monkeypatch, held_ring)
+    first = asyncio.create_task(put(store, keys[0], b"new 0"))
+    await rounds.until(asked=1)  # renamed: its round runs (held)
+    rest = [
+        asyncio.create_task(put(store, key, f"new {number}".encode()))
+        for number, key in enumerate(keys[1:], 1)
+    ]
+    await rounds.until(asked=4)  # the three others renamed meanwhile
+    assert [(base(store) / key).read_bytes() for key in keys] == [
+        f"new {number}".encode() for number in range(4)
+    ]
+    assert held_ring.chains.count([_uring.OP_FSYNC]) == 1  # none of their own
+    assert rounds.directories == [directory]
+    assert rounds.asked[1] is rounds.asked[2] is rounds.asked[3] is not rounds.asked[0]
+    rounds.end(0)
+    await asyncio.wait_for(first, 5)
+    await rounds.until(rounds=2)  # the next round, started as the first ended: one for all
+    await asyncio.wait_for(rounds.ran[1], 5)
+    assert not any(task.done() for task in rest)  # their round is still held
+    rounds.end(1)
+    await asyncio.wait_for(asyncio.gather(*rest), 5)
+    assert held_ring.chains.count([_uring.OP_FSYNC]) == 2
+    assert rounds.directories == [directory, directory]
+    for number, key in enumerate(keys):
+        assert await get(store, key) == f"new {number}".encode()
+    assert store._dir_syncs._running == {}  # idle: its descriptor is closed
+    assert temp_files(store) == []
+
+
+async def test_a_write_renamed_while_a_round_runs_waits_for_the_next_round(
+    store: LocalBackend, held_ring: _HeldRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A rename is durable only once an fsync of its directory that began after it has ended:
+    # the round running when it was made does not make it so.
+    for key in ("g/a", "g/b", "g/c"):
+        await put(store, key, b"old")
+    held_ring.chains.clear()  # those of the writes above
+    rounds = _Rounds(store, monkeypatch, held_ring)
+    first = asyncio.create_task(put(store, "g/a", b"a"))
+    await rounds.until(asked=1, rounds=1)
+    second = asyncio.create_task(put(store, "g/b", b"b"))
+    await rounds.until(asked=2)  # renamed while the first round runs
+    assert (base(store) / "g/b").read_bytes() == b"b"
+    rounds.end(0)
+    await asyncio.wait_for(first, 5)
+    await rounds.until(rounds=2)
+    await asyncio.wait_for(rounds.ran[1], 5)  # the kernel has run the second round...
+    assert not second.done()  # ...which the test still holds: the write waits for it
+    third = asyncio.create_task(put(store, "g/c", b"c"))
+    await rounds.until(asked=3)  # renamed while the second round runs
+    rounds.end(1)
+    await asyncio.wait_for(second, 5)
+    await rounds.until(rounds=3)
+    await asyncio.wait_for(rounds.ran[2], 5)
+    assert not third.done()
+    rounds.end(2)
+    await asyncio.wait_for(third, 5)
+    assert held_ring.chains.count([_uring.OP_FSYNC]) == 3
+    assert [await get(store, key) for key in ("g/a", "g/b", "g/c")] == [b"a", b"b", b"c"]
+    assert store._dir_syncs._running == {}
+
+
+async def test_a_failed_directory_fsync_fails_every_write_of_its_round(
+    store: LocalBackend, held_ring: _HeldRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = [f"f/{number}" for number in range(4)]
+    for key in keys:
+        await put(store, key, b"old")
+    fds = open_fds()
+    seen = 0
+
+    def failing_second_round(ops: list[_uring.Op], results: list[int]) -> list[int]:
+        nonlocal seen
+        if _is_directory_fsync(ops):
+            seen += 1
+            if seen == 2:
+                return [-errno.EIO]
+        return results
+
+    held_ring.hook = failing_second_round
+    held_ring.chains.clear()  # those of the writes above
+    rounds = _Rounds(store, monkeypatch, held_ring)
+    first = asyncio.create_task(put(store, keys[0], b"new"))
+    await rounds.until(asked=1)
+    shared = [asyncio.create_task(put(store, key, b"new")) for key in keys[1:]]
+    await rounds.until(asked=4)
+    rounds.end(0)
+    await asyncio.wait_for(first, 5)  # its round succeeded
+    await rounds.until(rounds=2)
+    rounds.end(1)
+    failures = await asyncio.wait_for(asyncio.gather(*shared, return_exceptions=True), 5)
+    assert [type(failure) for failure in failures] == [OSError] * 3
+    assert [getattr(failure, "errno", None) for failure in failures] == [errno.EIO] * 3
+    assert store._dir_syncs._running == {}  # the directory's rounds ended with the failure
+    assert open_fds() == fds
+    # The next write into the directory starts rounds anew, and they succeed.
+    later = asyncio.create_task(put(store, "f/later", b"later"))
+    await rounds.until(asked=5, rounds=3)
+    rounds.end(2)
+    await asyncio.wait_for(later, 5)
+    assert held_ring.chains.count([_uring.OP_FSYNC]) == 3
+    assert await get(store, "f/later") == b"later"
+    assert store._dir_syncs._running == {}
+    assert open_fds() == fds
+
+
+async def test_writes_into_two_directories_do_not_wait_for_each_others_rounds(
+    store: LocalBackend, held_ring: _HeldRing, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await put(store, "d1/k", b"old")
+    await put(store, "d2/k", b"old")
+    d1, d2 = (os.stat(base(store) / name).st_ino for name in ("d1", "d2"))
+    held_ring.chains.clear()  # those of the writes above
+    rounds = _Rounds(store, monkeypatch, held_ring)
+    one = asyncio.create_task(put(store, "d1/k", b"one"))
+    await rounds.until(asked=1, rounds=1)  # d1's round runs (held)
+    two = asyncio.create_task(put(store, "d2/k", b"two"))
+    await rounds.until(asked=2, rounds=2)  # d2's started at once, beside it
+    assert rounds.directories == [d1, d2]
+    assert len(store._dir_syncs._running) == 2
+    rounds.end(1)
+    await asyncio.wait_for(two, 5)  # done while d1's round is still held
+    assert not one.done()
+    rounds.end(0)
+    await asyncio.wait_for(one, 5)
+    assert held_ring.chains.count([_uring.OP_FSYNC]) == 2
+    assert [await get(store, key) for key in ("d1/k", "d2/k")] == [b"one", b"two"]
+    assert store._dir_syncs._running == {}
+
+
+async def test_a_small_write_lands_when_its_directory_is_removed_after_the_checks(
+    store: LocalBackend, spares: local_module._Spares, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The key's directory is looked up again right before the rename: one removed since the
+    # checks (a delete of the prefix) is made anew, by a thread.
+    await put(store, "gone/old", b"old")
+    await store.delete("gone/old")  # "gone" stays, empty
+    await put(store, "s/a", b"first")
+    await put(store, "s/a", b"second")
+    (spare,) = spare_files(store)
+    inode = spare.stat().st_ino
+    take = store._take_spare
+    removed: list[bool] = []
+
+    def take_then_remove() -> local_module._TempFile | None:
+        temp = take()  # after the checks, which found "gone"
+        os.rmdir(base(store) / "gone")
+        removed.append(temp is not None)
+        return temp
+
+    monkeypatch.setattr(store, "_take_spare", take_then_remove)
+    trips = _spy_trips(monkeypatch)
+    await asyncio.wait_for(put(store, "gone/k", b"kept"), 5)
+    assert removed == [True]  # over the spare, on the small path
+    seal = [] if on_ring(store) else ["_fill_and_seal"]
+    assert trips == [*seal, "_install_or_discard"]
+    assert os.stat(base(store) / "gone/k").st_ino == inode
+    assert await get(store, "gone/k") == b"kept"
+    assert await names(store, "gone") == ["gone/k"]
+    assert temp_files(store) == [] and spare_files(store) == []
+    assert store._dir_syncs._running == {}
+
+
+async def test_a_small_write_lands_at_its_key_when_its_directory_moves_after_the_checks(
+    store: LocalBackend, spares: local_module._Spares, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The directory the checks found is not the one the rename goes to: it is looked up
+    # again right before it, and one moved in between does not take the object with it.
+    await put(store, "a/b/seed", b"s")
+    await put(store, "s/a", b"first")
+    await put(store, "s/a", b"second")  # a spare: the write below takes the small path
+    take = store._take_spare
+    taken: list[bool] = []
+
+    def take_then_move() -> local_module._TempFile | None:
+        temp = take()  # after the checks, which found "a/b"
+        store._move("a/b", "c/b")  # what a move's thread does
+        taken.append(temp is not None)
+        return temp
+
+    monkeypatch.setattr(store, "_take_spare", take_then_move)
+    await asyncio.wait_for(put(store, "a/b/x", b"hello"), 5)
+    assert taken == [True]  # over the spare, on the small path
+    assert await names(store, "c/b") == ["c/b/seed"]
+    assert await get(store, "a/b/x") == b"hello"
+    assert temp_files(store) == [] and spare_files(store) == []
+
+
+@pytest.mark.parametrize("spares", ["ring"], indirect=True)
+@pytest.mark.parametrize("refusal", ["unusable", "refused"])
+async def test_directory_fsync_rounds_go_to_a_thread_where_the_ring_cannot_take_them(
+    store: LocalBackend,
+    spares: local_module._Spares,
+    refusal: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(local_module, "SPARE_MIN_AGE", 60.0)  # three spares pile up
+    keys = [f"s/{number}" for number in range(3)]
+    for version in (b"v1", b"v2"):
+        for key in keys:
+            await put(store, key, version)
+    assert len(spare_files(store)) == 3
+    monkeypatch.setattr(local_module, "SPARE_MIN_AGE", 0.0)
+    ring = store._ring
+    assert ring is not None
+    if refusal == "unusable":
+        monkeypatch.setattr(ring, "usable", lambda count: False)
+    else:
+
+        def refusing(ops: list[_uring.Op]) -> asyncio.Future[list[int]]:
+            raise OSError(errno.EAGAIN, "the kernel took none")
+
+        monkeypatch.setattr(ring, "run", refusing)
+    gate = threading.Event()
+    calls: list[int] = []
+    real = local_module._fsync_result
+
+    @functools.wraps(real)
+    def first_held(fd: int) -> list[int]:
+        calls.append(fd)
+        if len(calls) == 1:
+            gate.wait(5)  # the first round runs until every write has renamed
+        return real(fd)
+
+    monkeypatch.setattr(local_module, "_fsync_result", first_held)
+    rounds = _Rounds(store, monkeypatch)
+    trips = _spy_trips(monkeypatch)
+    try:
+        writes = [asyncio.create_task(put(store, key, b"v3")) for key in keys]
+        await rounds.until(asked=3)  # all renamed while the first round runs (or waits)
+        assert trips.count("_fsync_result") == 1
+        assert not any(write.done() for write in writes)
+    finally:
+        gate.set()
+    await asyncio.wait_for(asyncio.gather(*writes), 5)
+    assert sorted(trips) == ["_fill_and_seal"] * 3 + ["_fsync_result"] * 2
+    assert len(calls) == 2  # the first write's round, then one for the other two
+    assert [await get(store, key) for key in keys] == [b"v3"] * 3
+    assert len(spare_files(store)) == 3  # the v2 files, kept once their rounds ended
+    assert temp_files(store) == []
+    assert store._dir_syncs._running == {}
 
 
 # -- symbolic links are never followed ---------------------------------------------------------
