@@ -550,7 +550,7 @@ class _Flag:
         return self._set
 
 
-class _Replaced:
+class _ReplacedSize:
     """Where a write's checks leave the size of the file at its key (None: no file)."""
 
     __slots__ = ("size",)
@@ -746,8 +746,8 @@ class _TempFile:
     ) -> os.stat_result:
         """Give the file the name ``name`` in ``parent_fd``; return its status. ``settle``
         must follow. With ``spares``, a file it replaces is kept there rather than dropped by
-        the rename (or left for ``settle`` to remove). ``there``: whether a file was found at
-        the name just before (None: not looked)."""
+        the rename (or left for ``settle`` to remove). ``there``: False if the checks found
+        nothing at the name (no exchange is tried: a plain rename; None: not looked)."""
         with self._lock:
             self._check()
             if exclusive:
@@ -755,7 +755,7 @@ class _TempFile:
             else:
                 replaced = None
                 if spares is not None and there is not False:
-                    replaced = spares.exchange(self._dir_fd, self._name, parent_fd, name, there)
+                    replaced = spares.exchange(self._dir_fd, self._name, parent_fd, name)
                 if replaced is None:
                     os.rename(self._name, name, src_dir_fd=self._dir_fd, dst_dir_fd=parent_fd)
                 else:
@@ -844,24 +844,19 @@ class _Spares:
         self._lock = threading.Lock()
         self.enabled = _renameat2 is not None
 
-    def exchange(
-        self, tmp: int, name: str, parent_fd: int, target: str, known: bool | None = None
-    ) -> os.stat_result | None:
+    def exchange(self, tmp: int, name: str, parent_fd: int, target: str) -> os.stat_result | None:
         """Install ``tmp/name`` as ``target`` in ``parent_fd`` by exchanging it with the file
         there, which lands under ``tmp/name``; return that file's status (for ``keep``, once
         the exchange is durable), or None if there was nothing to exchange with (or
-        exchanges are unsupported), for the caller to rename. ``known``: True if the caller
-        has just found a file there (no look before the exchange; a directory that took its
-        place meanwhile is put back after it, as below)."""
+        exchanges are unsupported), for the caller to rename."""
         if not self.enabled or _renameat2 is None:
             return None
-        if not known:
-            try:
-                there = os.stat(target, dir_fd=parent_fd, follow_symlinks=False)
-            except FileNotFoundError:
-                return None
-            if stat.S_ISDIR(there.st_mode):  # fail as the rename over it would have
-                raise IsADirectoryError(errno.EISDIR, "is a directory", target)
+        try:
+            there = os.stat(target, dir_fd=parent_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if stat.S_ISDIR(there.st_mode):  # fail as the rename over it would have
+            raise IsADirectoryError(errno.EISDIR, "is a directory", target)
         src, dst = os.fsencode(name), os.fsencode(target)
         if _renameat2(tmp, src, parent_fd, dst, _RENAME_EXCHANGE) != 0:
             code = ctypes.get_errno()
@@ -1121,46 +1116,52 @@ class _DirectorySyncs:
     completed. While one runs for a directory, the renames made there meanwhile wait for the
     next one, started as soon as the running one ends: under load, one ``fsync`` per round
     for every write of the round, rather than one each. The ``fsync`` goes to the ring (a
-    worker thread where it cannot take it), on a descriptor of the directory of its own,
-    kept while rounds follow each other. Directories are told apart by device and inode
-    (each caller holds its directory open: the inode cannot be reused meanwhile)."""
+    worker thread where it cannot take it).
+
+    A round runs on the descriptor of its first write, which that write opened before its
+    rename (it stays open until the round has ended). The kernel reports a writeback error
+    once per open file, to an ``fsync`` on a file opened before the error: a descriptor kept
+    from round to round could have had an error reported to the round before and miss it
+    for the renames of the next; the first write's own does not (it was opened before any
+    rename of its round). Directories are told apart by device and inode, which cannot be
+    reused while a descriptor of the directory is open."""
 
     def __init__(self) -> None:
         self._running: dict[tuple[int, int], _DirectorySync] = {}
 
     def after(self, directory: int, ring: _uring.Ring) -> asyncio.Future[list[int]]:
-        """A future of ``[result]`` (0, or ``-errno``) of an ``fsync`` of ``directory`` that
-        starts after this call, by ``ring`` (or a thread). Never cancelled: callers shield
-        it."""
+        """Given the open descriptor of a directory in which a rename was just made (kept
+        open by the caller until the future is done), a future of ``[result]`` (0, or
+        ``-errno``) of an ``fsync`` of that directory that starts after this call, by
+        ``ring`` (or a thread). The future is never cancelled."""
         st = os.fstat(directory)
         where = (st.st_dev, st.st_ino)
         sync = self._running.get(where)
         if sync is None:
-            sync = _DirectorySync(self._running, where, os.dup(directory))
-            self._running[where] = sync
-        return sync.next_round(ring)
+            sync = self._running[where] = _DirectorySync(self._running, where)
+        return sync.next_round(directory, ring)
 
 
 class _DirectorySync:
-    """The rounds of ``fsync`` of one directory (``_DirectorySyncs``)."""
+    """The rounds of ``fsync`` of one directory (``_DirectorySyncs``): the one running, and
+    the next, with the descriptor it will run on."""
 
-    __slots__ = ("_fd", "_next", "_ring", "_running", "_syncs", "_where")
+    __slots__ = ("_next", "_next_fd", "_ring", "_running", "_syncs", "_where")
 
-    def __init__(
-        self, syncs: dict[tuple[int, int], _DirectorySync], where: tuple[int, int], fd: int
-    ) -> None:
+    def __init__(self, syncs: dict[tuple[int, int], _DirectorySync], where: tuple[int, int]):
         self._syncs = syncs
         self._where = where
-        self._fd = fd
         self._ring: _uring.Ring | None = None
         self._running = False
         self._next: asyncio.Future[list[int]] | None = None
+        self._next_fd = -1
 
-    def next_round(self, ring: _uring.Ring) -> asyncio.Future[list[int]]:
+    def next_round(self, directory: int, ring: _uring.Ring) -> asyncio.Future[list[int]]:
         """The future of the next round (started now if none runs)."""
         self._ring = ring
         if self._next is None:
             self._next = asyncio.get_running_loop().create_future()
+            self._next_fd = directory
         future = self._next
         if not self._running:
             self._start()
@@ -1169,18 +1170,17 @@ class _DirectorySync:
     def _start(self) -> None:
         future, self._next = self._next, None
         assert future is not None
-        ring = self._ring
+        fd, ring = self._next_fd, self._ring
         running: asyncio.Future[list[int]] | None = None
         try:
             if ring is not None and ring.usable(1):
                 with contextlib.suppress(OSError):  # the kernel took none: a thread does it
-                    running = ring.run([_uring.fsync(self._fd)])
+                    running = ring.run([_uring.fsync(fd)])
             if running is None:
-                loop = asyncio.get_running_loop()
-                running = loop.run_in_executor(None, _fsync_result, self._fd)
-        except BaseException as exc:  # e.g. no executor any more: this round cannot run
+                running = asyncio.get_running_loop().run_in_executor(None, _fsync_result, fd)
+        except Exception as exc:  # e.g. no executor any more: this round cannot run
             future.set_exception(exc)
-            self._end()
+            del self._syncs[self._where]
             return
         self._running = True
         running.add_done_callback(functools.partial(self._ended, future))
@@ -1188,19 +1188,15 @@ class _DirectorySync:
     def _ended(self, future: asyncio.Future[list[int]], running: asyncio.Future[list[int]]) -> None:
         if running.cancelled():  # a thread's queue dropped at shutdown: not known to be done
             future.set_result([-errno.ECANCELED])
-        elif running.exception() is not None:
-            future.set_exception(running.exception())  # type: ignore[arg-type]
+        elif (error := running.exception()) is not None:
+            future.set_exception(error)
         else:
             future.set_result(running.result())
         self._running = False
         if self._next is not None:
             self._start()
         else:
-            self._end()
-
-    def _end(self) -> None:
-        del self._syncs[self._where]
-        os.close(self._fd)
+            del self._syncs[self._where]
 
 
 def _drop_opened(tmp: int, name: str, opening: asyncio.Future[list[int]]) -> None:
@@ -1545,9 +1541,9 @@ class LocalBackend(Backend):
         metadata: Mapping[str, str] | None = None,
         exclusive: bool = False,
     ) -> tuple[Info, int | None]:
-        # The size comes from the look at the key every write makes before its body: no
-        # look-up of its own.
-        replaced = _Replaced()
+        # The size comes from the look at the key every write makes before it stores the
+        # body: no look-up of its own.
+        replaced = _ReplacedSize()
         info = await self._spares_go_when_full(
             self._write_body(key, chunks, content_type, metadata, exclusive, replaced)
         )
@@ -1577,7 +1573,7 @@ class LocalBackend(Backend):
         content_type: str | None,
         metadata: Mapping[str, str] | None,
         exclusive: bool,
-        replaced: _Replaced | None = None,
+        replaced: _ReplacedSize | None = None,
     ) -> Info:
         # A body that ends within the first CHUNK_SIZE bytes is written in one trip to a
         # worker thread (check, temporary file, write, fsync, rename, fsync); a longer one
@@ -1589,9 +1585,9 @@ class LocalBackend(Backend):
             # A small body on a local disk: the checks at the key (lookups, which only touch
             # the kernel's caches) run on the event loop, as for reads. Each system call of a
             # worker thread contends with the event loop for the GIL, and under load that cost
-            # more CPU than a small upload itself. The key's directory is still opened in the
-            # thread, by its path, right before the rename: a directory moved since the write
-            # began must not take the object with it.
+            # more CPU than a small upload itself. The key's directory is still looked up by
+            # its path right before the rename: a directory moved since the write began must
+            # not take the object with it.
             checked = self._reads_on_loop and size <= SMALL_WRITE_MAX
             if checked:
                 there = self._check_writable(segments, key, exclusive, replaced)
@@ -1625,7 +1621,7 @@ class LocalBackend(Backend):
         xattr: bytes | None,
         cancelled: _Flag,
         checked: bool,
-        replaced: _Replaced | None,
+        replaced: _ReplacedSize | None,
     ) -> os.stat_result:
         if checked:  # _check_writable ran on the event loop (and found no spare ready)
             temp = _open_temp(self._open_own_tmp())
@@ -1682,7 +1678,7 @@ class LocalBackend(Backend):
         content_type: str | None,
         metadata: Mapping[str, str] | None,
         exclusive: bool,
-        replaced: _Replaced | None = None,
+        replaced: _ReplacedSize | None = None,
     ) -> Info:
         """Open a temporary file, let ``fill`` write the body into it (it returns the bytes it
         left for the end), make it durable and give it its name; on any failure, remove it."""
@@ -1708,14 +1704,14 @@ class LocalBackend(Backend):
         return _file_info(key, st, content_type, metadata)
 
     def _begin_write(
-        self, segments: list[str], key: str, exclusive: bool, replaced: _Replaced | None = None
+        self, segments: list[str], key: str, exclusive: bool, replaced: _ReplacedSize | None = None
     ) -> _TempFile:
         """Refuse a write that cannot land before its body is read; open its temporary file."""
         self._check_writable(segments, key, exclusive, replaced)
         return _open_temp(self._open_own_tmp())
 
     def _check_writable(
-        self, segments: list[str], key: str, exclusive: bool, replaced: _Replaced | None = None
+        self, segments: list[str], key: str, exclusive: bool, replaced: _ReplacedSize | None = None
     ) -> bool:
         """Refuse a write that cannot land at ``key``; say whether an entry is there (a file
         the write is to replace; its size goes to ``replaced``)."""
@@ -1888,7 +1884,8 @@ class LocalBackend(Backend):
             return await _to_the_end(self._install_or_discard, temp, segments, key, exclusive)
         syncing = None
         if ring is not None and temp.replaced_small():
-            syncing = self._dir_syncs.after(parent, ring)
+            with contextlib.suppress(OSError):  # (fstat) a thread settles it then
+                syncing = self._dir_syncs.after(parent, ring)
         if syncing is None:
             await _to_the_end(_settle, temp, parent, self._spares)
             return st

@@ -1,9 +1,9 @@
 """The aiohttp application: ``create_app(config) -> web.Application``.
 
-A request for ``/api/v1/...`` goes: in-flight count -> observability (metrics, access log, audit
-record) -> error middleware -> ``dispatch`` (the scope from the URL's
-tenant segment as sent, the key decoded once from the request line) -> a handler of
-``gateway.files``, whose first step is ``keys.resolve``.
+A request for ``/api/v1/...`` goes: observability (in-flight count, metrics, access log, audit
+record) -> answers (503 until the storage is ready, errors as JSON) -> ``dispatch`` (the scope
+from the URL's tenant segment as sent, the key decoded once from the request line) -> a handler
+of ``gateway.files``, whose first step is ``keys.resolve``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Errors the gateway answers with, each carrying its HTTP status.
 
-One middleware (``gateway.app.error_middleware``) turns these, and the builtin exceptions
+One middleware (``gateway.app.answer_middleware``) turns these, and the builtin exceptions
 backends raise, into JSON ``{"error": code, "message": text}`` answers. Messages are written
 for the caller: they name the rule that was broken, never a physical path, a stack trace or
 another tenant's name.

@@ -248,10 +248,13 @@ async def put_file(request: web.Request, scope: Scope, raw_key: str | None) -> w
     headers = request.headers
     backend = _backend(request)
     # What the upload replaces, for the usage counters and the quota: looked up first under a
-    # maxBytes quota (the budget needs it before the body), else told by the write itself.
+    # maxBytes quota (the budget needs it before the body) or for a body that may be spliced
+    # (a refusal at the key comes before the body leaves aiohttp), else told by the write.
     tenant = _tenant(request, scope)
     replaced = None
-    looked = tenant is not None and tenant.max_bytes is not None
+    looked = (tenant is not None and tenant.max_bytes is not None) or (
+        request.content_length is not None and request.content_length >= zerocopy.SPLICE_MIN
+    )
     if looked:
         replaced = await backend.file_size(physical)
     limits = await _limits(request, scope, replaced)
@@ -279,8 +282,6 @@ async def put_file(request: web.Request, scope: Scope, raw_key: str | None) -> w
         socket_body = zerocopy.take_body(request, read_timeout)
     try:
         if socket_body is not None:
-            if not looked:
-                replaced = await backend.file_size(physical)
             info = await backend.write_socket_body(physical, socket_body, **options)
             request[zerocopy.TAKEN].stored = True
         elif looked:

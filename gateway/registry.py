@@ -1340,25 +1340,26 @@ class Registry:
             self._proven.clear()
             self._proven_for = snapshot
         token_id = self._proven.get(plaintext)
-        if token_id is not None:
-            token = snapshot.tokens.get(token_id)
-        else:
+        secret = None  # set for a token not proven yet: its hash is checked
+        if token_id is None:
             match = TOKEN_RE.fullmatch(plaintext)
             if match is None:
                 return None
-            token = snapshot.tokens.get(match[1])
-            if token is None:
-                return None
-            if not hmac.compare_digest(_secret_hash(match[2]), token.secret_hash):
-                return None
-            if len(self._proven) >= PROVEN_TOKENS_MAX:
-                self._proven.clear()
-            self._proven[plaintext] = match[1]
-        if token is None or not token.active(time.time()):
+            token_id, secret = match[1], match[2]
+        token = snapshot.tokens.get(token_id)
+        if token is None:
+            return None
+        if secret is not None and not hmac.compare_digest(_secret_hash(secret), token.secret_hash):
+            return None
+        if not token.active(time.time()):
             return None
         account = snapshot.service_accounts.get(token.account)
         if account is None:
             return None
+        if secret is not None:  # remembered once it passes (the checks above run every time)
+            if len(self._proven) >= PROVEN_TOKENS_MAX:
+                self._proven.clear()
+            self._proven[plaintext] = token_id
         return token, account
 
     # -- bootstrap ---------------------------------------------------------------------------
