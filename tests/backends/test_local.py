@@ -1477,6 +1477,26 @@ async def test_a_small_write_lands_at_its_key_when_its_directory_moves_after_the
 
 
 @pytest.mark.parametrize("spares", ["ring"], indirect=True)
+async def test_a_write_that_cannot_join_a_round_settles_in_a_thread(
+    store: LocalBackend, spares: local_module._Spares, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await put(store, "s/a", b"v1")
+    await put(store, "s/a", b"v2")  # a spare: the next write takes the ring's path
+    fds = open_fds()
+
+    def failing(directory: int, ring: _uring.Ring) -> asyncio.Future[list[int]]:
+        raise OSError(errno.EMFILE, "too many open files")
+
+    monkeypatch.setattr(store._dir_syncs, "after", failing)
+    trips = _spy_trips(monkeypatch)
+    await put(store, "s/b", b"v3")
+    assert trips == ["_settle"]  # the directory's fsync (and the rest) in a thread
+    assert await get(store, "s/b") == b"v3"
+    assert open_fds() == fds  # the directory and the temporary folder closed
+    assert temp_files(store) == []
+
+
+@pytest.mark.parametrize("spares", ["ring"], indirect=True)
 @pytest.mark.parametrize("refusal", ["unusable", "refused"])
 async def test_directory_fsync_rounds_go_to_a_thread_where_the_ring_cannot_take_them(
     store: LocalBackend,
