@@ -100,7 +100,6 @@ _NS: Final = 1_000_000_000
 USERNAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 SERVICE_ACCOUNT_RE: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 TOKEN_ID_RE: Final = re.compile(r"[0-9a-f]{16}")
-PROVEN_TOKENS_MAX: Final = 4096  # bearer tokens remembered as proven (Registry.verify_token)
 TOKEN_RE: Final = re.compile(r"gwt_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 TOKEN_PREFIX: Final = "gwt_"
 
@@ -719,10 +718,6 @@ class Registry:
         self._backend = backend
         self._interval = refresh_interval
         self._snapshot = Snapshot.empty()
-        # Bearer tokens proven against the snapshot of the moment (its object), by plaintext:
-        # a token sent again is not hashed again until the snapshot changes. Bounded.
-        self._proven: dict[str, str] = {}
-        self._proven_for: Snapshot | None = None
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         # the change feed: records already applied (key -> time), and where the next listing starts
@@ -1335,31 +1330,20 @@ class Registry:
         unknown, revoked or expired, or its account is gone."""
         if not isinstance(plaintext, str):
             return None
+        match = TOKEN_RE.fullmatch(plaintext)
+        if match is None:
+            return None
         snapshot = self._snapshot
-        if self._proven_for is not snapshot:  # a change (a revocation, say) proves anew
-            self._proven.clear()
-            self._proven_for = snapshot
-        token_id = self._proven.get(plaintext)
-        secret = None  # set for a token not proven yet: its hash is checked
-        if token_id is None:
-            match = TOKEN_RE.fullmatch(plaintext)
-            if match is None:
-                return None
-            token_id, secret = match[1], match[2]
-        token = snapshot.tokens.get(token_id)
+        token = snapshot.tokens.get(match[1])
         if token is None:
             return None
-        if secret is not None and not hmac.compare_digest(_secret_hash(secret), token.secret_hash):
+        if not hmac.compare_digest(_secret_hash(match[2]), token.secret_hash):
             return None
         if not token.active(time.time()):
             return None
         account = snapshot.service_accounts.get(token.account)
         if account is None:
             return None
-        if secret is not None:  # remembered once it passes (the checks above run every time)
-            if len(self._proven) >= PROVEN_TOKENS_MAX:
-                self._proven.clear()
-            self._proven[plaintext] = token_id
         return token, account
 
     # -- bootstrap ---------------------------------------------------------------------------

@@ -289,7 +289,6 @@ async def test_revoked_token_is_refused(make: Make) -> None:
     registry = await make()
     await registry.create_service_account("ci")
     token, plaintext = await registry.create_token("ci")
-    assert registry.verify_token(plaintext) is not None  # proven once: remembered
     assert registry.verify_token(plaintext) is not None
     revoked = await registry.revoke_token(token.id)
     assert revoked.revoked and not revoked.active(time.time())
@@ -338,38 +337,10 @@ async def test_malformed_or_forged_tokens_are_refused(make: Make) -> None:
         plaintext.replace("gwt_", "gwx_"),
         secret or "x",
     ]
-    assert registry.verify_token(plaintext) is not None  # proven (and remembered) first
+    assert registry.verify_token(plaintext) is not None
     for bad in bad_tokens:
         assert registry.verify_token(bad) is None, bad
     assert registry.verify_token(plaintext) is not None
-
-
-async def test_proven_tokens_are_remembered_within_bounds_and_only_once_valid(
-    make: Make, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    registry = await make()
-    await registry.create_service_account("ci")
-    monkeypatch.setattr(registry_module, "PROVEN_TOKENS_MAX", 2)
-    tokens = [await registry.create_token("ci") for _ in range(3)]
-    for _ in range(2):
-        for token, plaintext in tokens:
-            found = registry.verify_token(plaintext)
-            assert found is not None and found[0].id == token.id
-            assert len(registry._proven) <= 2
-    # A token that fails a check is not remembered: expired here.
-    expiring, plaintext = await registry.create_token("ci", expires_in=60)
-    later = SimpleNamespace(
-        time=lambda: time.time() + 61, time_ns=time.time_ns, monotonic=time.monotonic
-    )
-    monkeypatch.setattr(registry_module, "time", later)
-    assert registry.verify_token(plaintext) is None
-    assert plaintext not in registry._proven
-    monkeypatch.undo()
-    # Remembered, then expired: refused, since expiry is checked on every call.
-    assert registry.verify_token(plaintext) is not None
-    assert registry._proven.get(plaintext) == expiring.id
-    monkeypatch.setattr(registry_module, "time", later)
-    assert registry.verify_token(plaintext) is None
 
 
 async def test_delete_service_account_revokes_its_tokens_and_bindings(make: Make) -> None:
@@ -380,7 +351,7 @@ async def test_delete_service_account_revokes_its_tokens_and_bindings(make: Make
     token, plaintext = await registry.create_token("ci")
     _, other_plaintext = await registry.create_token("other")
     await registry.grant("acme", "service-account", "ci", "EDITOR")
-    assert registry.verify_token(plaintext) is not None  # proven (and remembered) first
+    assert registry.verify_token(plaintext) is not None
     await registry.delete_service_account("ci")
     assert "ci" not in registry.snapshot.service_accounts
     assert registry.snapshot.tokens[token.id].revoked
