@@ -219,12 +219,13 @@ def _tenant(request: web.Request, scope: Scope) -> Tenant | None:
     return request.app[REGISTRY].snapshot.tenants.get(scope.tenant)
 
 
-async def _limits(request: web.Request, scope: Scope, replaced: int | None) -> _Limits:
-    """Given an upload and the object it replaces, return its limits (413 and 507 rules).
-    (``replaced`` counts only under a ``maxBytes`` quota.)"""
+async def _limits(
+    request: web.Request, scope: Scope, tenant: Tenant | None, replaced: int | None
+) -> _Limits:
+    """Given an upload, its tenant (``_tenant``) and the object it replaces, return its
+    limits (413 and 507 rules). (``replaced`` counts only under a ``maxBytes`` quota.)"""
     max_size: int = request.app[CONFIG]["limits.max-object-size"]
     size_rule = f"an object is limited to {max_size} bytes (limits.max-object-size)"
-    tenant = _tenant(request, scope)
     if (
         tenant is not None
         and tenant.max_object_size is not None
@@ -257,7 +258,7 @@ async def put_file(request: web.Request, scope: Scope, raw_key: str | None) -> w
     )
     if looked:
         replaced = await backend.file_size(physical)
-    limits = await _limits(request, scope, replaced)
+    limits = await _limits(request, scope, tenant, replaced)
     if request.content_length is not None:
         limits.check(request.content_length)  # before a byte of the body is read
     if "If-Match" in headers:

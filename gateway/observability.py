@@ -46,7 +46,6 @@ from .errors import Forbidden
 from .state import CONFIG, IN_FLIGHT, REGISTRY
 from .zerocopy import TAKEN
 
-_encode_line = encode_text
 access_log = logging.getLogger("gateway.access")
 
 METHODS: Final = frozenset({"GET", "HEAD", "PUT", "POST", "DELETE", "PATCH", "OPTIONS"})
@@ -249,7 +248,7 @@ def _finish(
             "identity": who,
             "remote": request.remote,
         }
-        text = _encode_line(line)
+        text = encode_text(line)
         writer = _access_writer
         if writer is not None and access_log.handlers == [writer] and not access_log.filters:
             writer.add(text)  # nobody else listens: no record needed
