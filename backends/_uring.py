@@ -8,9 +8,9 @@ hand-overs cost more CPU than the writes. Here the event loop queues a chain of 
 worker threads, which hold no GIL, and an ``eventfd`` wakes the loop with the results.
 
 Only what the backend needs: ``openat``, ``write``, ``ftruncate``, ``fsetxattr`` and
-``fsync``, linked: each runs once the one before it has completed. A failed ``write`` or
-``fsync`` ends the rest of its chain with ``ECANCELED``, but a failed ``ftruncate`` or
-``fsetxattr`` does not (Linux 6.18): a caller checks every result.
+``fsync`` (or ``fdatasync``), linked: each runs once the one before it has completed. A failed
+``write`` or ``fsync`` ends the rest of its chain with ``ECANCELED``, but a failed
+``ftruncate`` or ``fsetxattr`` does not (Linux 6.18): a caller checks every result.
 
 :func:`open_ring` returns None where io_uring is missing, refused (seccomp in containers,
 ``kernel.io_uring_disabled``), lacks one of those operations (Linux before 6.9), or the
@@ -54,6 +54,7 @@ _OP_SUPPORTED: Final = 1
 _SQE_IO_LINK: Final = 1 << 2
 _SQ_CQ_OVERFLOW: Final = 1 << 1
 _ENTER_GETEVENTS: Final = 1
+_FSYNC_DATASYNC: Final = 1
 
 OP_FSYNC: Final = 3
 OP_OPENAT: Final = 18
@@ -121,6 +122,10 @@ def fsetxattr(fd: int, name: bytes, value: bytes) -> Op:
 
 def fsync(fd: int) -> Op:
     return Op(OP_FSYNC, fd, 0, 0, 0, 0, ())
+
+
+def fdatasync(fd: int) -> Op:
+    return Op(OP_FSYNC, fd, 0, 0, 0, _FSYNC_DATASYNC, ())
 
 
 class _Chain:

@@ -109,6 +109,23 @@ class Reader(ABC):
         await self.close()
 
 
+class Appendable(ABC):
+    """An object that grows: each ``append`` adds bytes at its end and is durable when it
+    returns. One append at a time; a failed or cancelled one leaves the object's end unknown,
+    so every later call raises (the caller starts another object)."""
+
+    size: int
+    """The bytes appended so far."""
+
+    @abstractmethod
+    async def append(self, data: bytes) -> None:
+        """Add ``data`` at the end; durable when this returns."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the handle (an append still running finishes first); safe to call twice."""
+
+
 @dataclass(slots=True)
 class SocketBody:
     """A request body still partly in its connection, for a backend that moves it without
@@ -232,6 +249,17 @@ class Backend(ABC):
             key, chunks, content_type=content_type, metadata=metadata, exclusive=exclusive
         )
         return info, replaced
+
+    async def create_appendable(
+        self, key: str, *, content_type: str | None = None
+    ) -> Appendable | None:
+        """A new, empty object at ``key`` (create-only: ``FileExistsError`` if anything is
+        there), durable with its name when this returns, to be grown by ``append``; or
+        ``None`` where the store cannot append (S3: the caller writes whole objects then).
+
+        While it grows, a reader may see a prefix of an append that has not returned yet.
+        """
+        return None
 
     splices_sockets: ClassVar[bool] = False
     """True if ``write_socket_body`` is implemented."""

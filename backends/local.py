@@ -61,6 +61,7 @@ from .base import (
     EMPTY_METADATA,
     FILE,
     SYSTEM_PREFIX,
+    Appendable,
     Backend,
     Info,
     Page,
@@ -1219,6 +1220,96 @@ def _discard_when_opened(opening: asyncio.Future[_TempFile]) -> None:
 # -- the backend -------------------------------------------------------------------------------
 
 
+class _Appendable(Appendable):
+    """A file that grows (``LocalBackend.create_appendable``). An append is a ``pwrite`` at
+    its end and an ``fdatasync``, by the io_uring ring where there is one, else (or if the
+    ring's attempt failed: written again at the same offset) in a worker thread: no new
+    inode, no rename, no ``fsync`` of a directory, which are most of what a new small file
+    costs."""
+
+    def __init__(self, fd: int, ring: _uring.Ring | None) -> None:
+        self.size = 0
+        self._fd = fd
+        self._ring = ring
+        self._running: asyncio.Future[Any] | None = None  # the append in flight
+        self._broken = False  # an append failed or was cancelled: the end is unknown
+        self._closed = False
+
+    async def append(self, data: bytes) -> None:
+        if self._closed:
+            raise ValueError("appendable object already closed")
+        if self._running is not None and not self._running.done():
+            raise RuntimeError("one append at a time")
+        if self._broken:
+            raise OSError(errno.EIO, "an earlier append failed: the object's end is unknown")
+        data = bytes(data)  # the kernel's threads read it after io_uring_enter returns
+        offset = self.size
+        try:
+            if not await self._by_ring(data, offset):
+                await self._in_thread(data, offset)
+        except BaseException:
+            self._broken = True
+            raise
+        self.size = offset + len(data)
+
+    async def _by_ring(self, data: bytes, offset: int) -> bool:
+        """The append by the ring; False if the ring could not take it or it failed."""
+        ring = self._ring
+        if ring is None or not data or not ring.usable(2):
+            return False
+        try:
+            chain = ring.run([_uring.write(self._fd, data, offset), _uring.fdatasync(self._fd)])
+        except OSError:  # the kernel took none
+            return False
+        self._running = chain
+        try:
+            written, synced = await asyncio.shield(chain)
+        finally:
+            if chain.done():  # else (cancelled) close() waits for it
+                self._running = None
+        return written == len(data) and synced == 0
+
+    async def _in_thread(self, data: bytes, offset: int) -> None:
+        running = asyncio.ensure_future(asyncio.to_thread(self._write_at, data, offset))
+        self._running = running
+        try:
+            await asyncio.shield(running)
+        finally:
+            if running.done():
+                self._running = None
+            else:
+                running.add_done_callback(_retrieve)
+
+    def _write_at(self, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            count = os.pwrite(self._fd, view, offset)
+            view, offset = view[count:], offset + count
+        os.fdatasync(self._fd)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        running = self._running
+        if running is not None and not running.done():
+            # The ring or a thread still uses the descriptor: closed once they are done.
+            running.add_done_callback(lambda _: os.close(self._fd))
+        else:
+            os.close(self._fd)
+
+    def __del__(self) -> None:
+        if not getattr(self, "_closed", True) and (self._running is None or self._running.done()):
+            self._closed = True
+            os.close(self._fd)
+
+
+def _close_created(future: asyncio.Future[int]) -> None:
+    """Close the descriptor a cancelled ``create_appendable`` opened (its file stays: empty)."""
+    if not future.cancelled() and future.exception() is None:
+        os.close(future.result())
+
+
 class LocalBackend(Backend):
     """Objects as plain files under ``base_path``, metadata in an extended attribute."""
 
@@ -1901,6 +1992,40 @@ class LocalBackend(Backend):
             settled.add_done_callback(_retrieve)
             raise
         return st
+
+    async def create_appendable(self, key: str, *, content_type: str | None = None) -> Appendable:
+        segments, _, xattr = _prepare(key, content_type, None)
+        creating = asyncio.ensure_future(
+            asyncio.to_thread(self._create_appendable, segments, key, xattr)
+        )
+        try:
+            fd = await asyncio.shield(creating)
+        except asyncio.CancelledError:
+            creating.add_done_callback(_close_created)
+            raise
+        return _Appendable(fd, self._ring)
+
+    def _create_appendable(self, segments: list[str], key: str, xattr: bytes | None) -> int:
+        """Create the file at ``key`` (its directory made if missing), its name durable."""
+        try:
+            parent = self._open_dir(segments[:-1], key)
+        except FileNotFoundError:
+            parent = self._open_dir(segments[:-1], key, create=True)
+        try:
+            fd = os.open(segments[-1], _TEMP_FLAGS, 0o666, dir_fd=parent)
+            try:
+                if xattr is not None:
+                    os.setxattr(fd, XATTR, xattr)
+                os.fsync(fd)
+                os.fsync(parent)
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(segments[-1], dir_fd=parent)
+                raise
+            return fd
+        finally:
+            os.close(parent)
 
     # -- listings ----------------------------------------------------------------------------
 

@@ -1,12 +1,19 @@
 """The per-tenant audit log: who changed what, when, and what the gateway answered.
 
-Records are written in batches (group commit): one JSON-lines document per tenant and batch,
-in the gateway's own storage under the system prefix, created with a create-only write
-(``exclusive=True``) so replicas over one store never overwrite each other::
+Records are written in batches (group commit) into JSON-lines documents, in the gateway's own
+storage under the system prefix, each created create-only (named by the time of its first
+record and a random part) so replicas over one store never overwrite each other::
 
     .gateway/audit/<tenant id, or "~" for the null tenant>/<time_ns:020d>-<random>.json
         {"time": ..., "tenant": ..., "identity": {"kind": ..., "name": ...},
          "action": ..., "key": ..., "status": ...}      <- one line per record
+
+Where the store can append (``Backend.create_appendable``: the local disk), a process appends
+a tenant's batches to its current document for ``SEGMENT_SECONDS`` (or ``SEGMENT_BYTES``),
+then starts another: a batch costs a write and an ``fdatasync``, where a new file costs an
+inode, a rename and an ``fsync`` of the directory as well. Elsewhere (S3) each batch is a
+document of its own. Either way a batch is durable before its requests hear it is written,
+and a reader never takes a line without its end (an append under way, or cut by a crash).
 
 What is recorded: every mutation (upload, delete, make directory, move; tenant update, soft
 delete, restore, creation; role grants and revocations) that *passed authorization* on a tenant
@@ -23,8 +30,9 @@ queued records (a store that has stopped answering). The request waits at most
 ``WAIT_BEFORE_RESPONSE`` seconds for its batch, so on a healthy store a client that reads the
 audit log right after its change sees it. Shutdown flushes what is queued.
 
-Reading: oldest first, a page at a time; the cursor names a document and how many of its
-records were already returned.
+Reading: oldest first (by document, then line: documents of two processes interleave by
+their first records), a page at a time; the cursor names a document and how many of its
+records were already returned, so a document that grows after a page still gives the rest.
 There is no retention yet: records are kept until deleted from the store.
 """
 
@@ -38,16 +46,19 @@ import logging
 import re
 import secrets
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
-from backends.base import SYSTEM_PREFIX, Backend
+from backends.base import SYSTEM_PREFIX, Appendable, Backend
 
 from .documents import encode, one
 from .errors import BadRequest
 
 log = logging.getLogger("gateway.audit")
+
+_T = TypeVar("_T")
 
 AUDIT_PREFIX: Final = f"{SYSTEM_PREFIX}/audit"
 NULL_TENANT_SEGMENT: Final = "~"  # outside the tenant-id grammar: no tenant can collide
@@ -58,11 +69,14 @@ WAIT_BEFORE_RESPONSE: Final = 0.5
 FLUSH_TIMEOUT: Final = 10.0
 MAX_KEY_CHARS: Final = 1024
 MAX_DOCUMENT_BYTES: Final = 8 * 1024 * 1024
+SEGMENT_SECONDS: Final = 1.0
+SEGMENT_BYTES: Final = 1024 * 1024
+CONTENT_TYPE: Final = "application/x-ndjson"
 DEFAULT_LIMIT: Final = 100
 MAX_LIMIT: Final = 1000
 _READ_CONCURRENCY: Final = 16
 _RECORD_NAME: Final = re.compile(r"[0-9]{20}-[0-9a-f]{12}\.json")
-_CURSOR: Final = re.compile(r"([0-9]{20}-[0-9a-f]{12}\.json)(?:~([0-9]{1,4}))?")
+_CURSOR: Final = re.compile(r"([0-9]{20}-[0-9a-f]{12}\.json)(?:~([0-9]{1,7}))?")
 
 
 @dataclass(slots=True)
@@ -105,6 +119,18 @@ def make_record(
     }
 
 
+@dataclass(slots=True)
+class _Segment:
+    """A tenant's document that batches are appended to, while it is young."""
+
+    appendable: Appendable
+    opened: float  # time.monotonic()
+    timer: asyncio.TimerHandle | None = None
+
+    def old(self) -> bool:
+        return time.monotonic() - self.opened >= SEGMENT_SECONDS
+
+
 class AuditLog:
     """Queues records, writes them a batch per tenant in the background, reads them back."""
 
@@ -117,6 +143,9 @@ class AuditLog:
         self._writes: set[asyncio.Task[None]] = set()
         self._writing: set[str | None] = set()  # tenants whose document is being written
         self._written = asyncio.Event()  # set when a document write ends
+        self._appends = True  # until the store says it cannot append
+        self._segments: dict[str | None, _Segment] = {}  # each tenant's, where appending
+        self._closing: set[asyncio.Future[None]] = set()
         self.failures = 0
         self.dropped = 0
 
@@ -170,19 +199,8 @@ class AuditLog:
         data = b"\n".join(item[0] for item in batch) + b"\n"
         written = False
         try:
-            for attempt in range(3):
-                stamp = batch[0][1] + attempt
-                key = f"{folder(tenant)}/{stamp:020d}-{secrets.token_hex(6)}.json"
-                try:
-                    await self._backend.write(
-                        key, one(data), content_type="application/x-ndjson", exclusive=True
-                    )
-                except FileExistsError:
-                    continue
-                written = True
-                break
-            else:
-                raise FileExistsError("could not name an audit document")
+            await self._store(tenant, batch[0][1], data)
+            written = True
         except asyncio.CancelledError:
             self.failures += len(batch)
             log.warning("%d audit record(s) of tenant %r abandoned at shutdown", len(batch), tenant)
@@ -200,6 +218,79 @@ class AuditLog:
             for _, _, done in batch:
                 if not done.done():
                     done.set_result(written)
+
+    async def _store(self, tenant: str | None, stamp: int, data: bytes) -> None:
+        """Store one batch (``data``, its first record at ``stamp``): appended to the tenant's
+        current document where the store appends, else as a document of its own."""
+        if self._appends:
+            segment = await self._segment(tenant, stamp, len(data))
+            if segment is not None:
+                try:
+                    await segment.appendable.append(data)
+                except BaseException:
+                    self._retire(tenant)  # its end is unknown: the next batch starts another
+                    raise
+                return
+        await self._create(tenant, stamp, lambda key: self._backend.write(
+            key, one(data), content_type=CONTENT_TYPE, exclusive=True
+        ))  # fmt: skip
+
+    async def _segment(self, tenant: str | None, stamp: int, size: int) -> _Segment | None:
+        """The tenant's document to append ``size`` bytes to: the current one while it is
+        young and small enough, else a new one; None where the store cannot append."""
+        current = self._segments.get(tenant)
+        if current is not None:
+            if current.appendable.size + size <= SEGMENT_BYTES and not current.old():
+                return current
+            self._retire(tenant)
+        opened = time.monotonic()
+        created = await self._create(tenant, stamp, lambda key: self._backend.create_appendable(
+            key, content_type=CONTENT_TYPE
+        ))  # fmt: skip
+        if created is None:
+            self._appends = False
+            return None
+        segment = _Segment(created, opened)
+        self._segments[tenant] = segment
+        segment.timer = asyncio.get_running_loop().call_later(
+            SEGMENT_SECONDS, self._expire, tenant, segment
+        )
+        return segment
+
+    def _expire(self, tenant: str | None, segment: _Segment) -> None:
+        """Close the tenant's document once it is past its time and no batch is being
+        stored for the tenant (an idle process keeps none open)."""
+        if self._segments.get(tenant) is not segment:
+            return  # already replaced
+        if tenant in self._writing:  # its batch may be appending to it: look again later
+            segment.timer = asyncio.get_running_loop().call_later(
+                SEGMENT_SECONDS, self._expire, tenant, segment
+            )
+            return
+        self._retire(tenant)
+
+    def _retire(self, tenant: str | None) -> None:
+        """Stop appending to the tenant's current document and close it."""
+        segment = self._segments.pop(tenant, None)
+        if segment is None:
+            return
+        if segment.timer is not None:
+            segment.timer.cancel()
+        closing = asyncio.ensure_future(segment.appendable.close())
+        self._closing.add(closing)
+        closing.add_done_callback(self._closing.discard)
+
+    async def _create(
+        self, tenant: str | None, stamp: int, create: Callable[[str], Awaitable[_T]]
+    ) -> _T:
+        """``create(key)`` under a new document name (create-only: a name taken is tried again)."""
+        for attempt in range(3):
+            key = f"{folder(tenant)}/{stamp + attempt:020d}-{secrets.token_hex(6)}.json"
+            try:
+                return await create(key)
+            except FileExistsError:
+                continue
+        raise FileExistsError("could not name an audit document")
 
     async def flush(self, timeout: float = FLUSH_TIMEOUT) -> bool:
         """Wait until everything queued is written, at most ``timeout`` seconds; say if it was."""
@@ -219,6 +310,10 @@ class AuditLog:
                 task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*self._writes, return_exceptions=True)
+        for tenant in list(self._segments):
+            self._retire(tenant)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def read(
         self, tenant: str | None, limit: int = DEFAULT_LIMIT, cursor: str | None = None
@@ -228,18 +323,22 @@ class AuditLog:
         A cursor is ``<document>~<records of it already returned>``.
         """
         skip = 0
+        counted = False
         start_after = None
         base = folder(tenant)
         if cursor is not None:
             match = _CURSOR.fullmatch(cursor)
             if match is None:
                 raise BadRequest("the cursor is not one this gateway gave")
+            counted = match[2] is not None  # a count, even 0: resume at the document itself
             skip = int(match[2] or 0)
             # Names have one length: the name without ".json" sorts just before the name.
-            start_after = f"{base}/{match[1][:-5]}" if skip else f"{base}/{match[1]}"
+            start_after = f"{base}/{match[1][:-5]}" if counted else f"{base}/{match[1]}"
         try:
+            # With a count, the cursor's document comes first (it may have grown), and one
+            # more is listed: a page gets past it even if it gives nothing new.
             page = await self._backend.list(
-                base, recursive=True, limit=limit, start_after=start_after
+                base, recursive=True, limit=limit + 1 if counted else limit, start_after=start_after
             )
         except (FileNotFoundError, NotADirectoryError):
             return [], None
@@ -262,7 +361,9 @@ class AuditLog:
             records += found
         next_cursor = None
         if page.next_cursor is not None and names:
-            next_cursor = names[-1].rsplit("/", 1)[-1]
+            # Its count of records too: the document may grow (appends) before the next page.
+            taken = len(documents[-1]) if len(names) > 1 else max(skip, len(documents[0]))
+            next_cursor = f"{names[-1].rsplit('/', 1)[-1]}~{taken}"
         return records, next_cursor
 
     async def _read_document(self, name: str) -> list[dict[str, Any]]:
@@ -275,6 +376,8 @@ class AuditLog:
                 log.warning("audit document %s is too large; skipped", name)
                 return []
             data = b"".join([chunk async for chunk in reader.chunks()])
+        # Only whole lines: an append under way (or cut short by a crash) ends without one.
+        data = data[: data.rfind(b"\n") + 1]
         records = []
         for line in data.splitlines():
             try:

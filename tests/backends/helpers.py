@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping
 
 from backends.base import Backend, Info
 
@@ -55,3 +56,12 @@ async def names(backend: Backend, key: str, *, recursive: bool = False) -> list[
         if page.next_cursor is None:
             return found
         cursor = page.next_cursor
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until ``condition()`` holds, at most ``timeout`` seconds; assert it then."""
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+    assert condition()
