@@ -11,9 +11,11 @@ record and a random part) so replicas over one store never overwrite each other:
 Where the store can append (``Backend.create_appendable``: the local disk), a process appends
 a tenant's batches to its current document for ``SEGMENT_SECONDS`` (or ``SEGMENT_BYTES``),
 then starts another: a batch costs a write and an ``fdatasync``, where a new file costs an
-inode, a rename and an ``fsync`` of the directory as well. Elsewhere (S3) each batch is a
-document of its own. Either way a batch is durable before its requests hear it is written,
-and a reader never takes a line without its end (an append under way, or cut by a crash).
+inode, a rename and an ``fsync`` of the directory as well. With ``MAX_SEGMENTS`` tenants'
+documents open, another tenant's batch is a document of its own (descriptors stay bounded).
+Elsewhere (S3) each batch is a document of its own. Either way a batch is durable before its
+requests hear it is written, and a reader never takes a line without its end (an append under
+way, or cut by a crash).
 
 What is recorded: every mutation (upload, delete, make directory, move; tenant update, soft
 delete, restore, creation; role grants and revocations) that *passed authorization* on a tenant
@@ -71,6 +73,7 @@ MAX_KEY_CHARS: Final = 1024
 MAX_DOCUMENT_BYTES: Final = 8 * 1024 * 1024
 SEGMENT_SECONDS: Final = 1.0
 SEGMENT_BYTES: Final = 1024 * 1024
+MAX_SEGMENTS: Final = 64  # documents open for appends at once (a descriptor each)
 CONTENT_TYPE: Final = "application/x-ndjson"
 DEFAULT_LIMIT: Final = 100
 MAX_LIMIT: Final = 1000
@@ -237,12 +240,15 @@ class AuditLog:
 
     async def _segment(self, tenant: str | None, stamp: int, size: int) -> _Segment | None:
         """The tenant's document to append ``size`` bytes to: the current one while it is
-        young and small enough, else a new one; None where the store cannot append."""
+        young and small enough, else a new one; None where the store cannot append, or
+        ``MAX_SEGMENTS`` other tenants' documents are open."""
         current = self._segments.get(tenant)
         if current is not None:
             if current.appendable.size + size <= SEGMENT_BYTES and not current.old():
                 return current
             self._retire(tenant)
+        if len(self._segments) >= MAX_SEGMENTS:
+            return None  # many tenants at once: this batch is a document of its own
         opened = time.monotonic()
         created = await self._create(tenant, stamp, lambda key: self._backend.create_appendable(
             key, content_type=CONTENT_TYPE

@@ -550,6 +550,29 @@ async def test_tenants_get_documents_of_their_own(store: LocalBackend, audit: Au
     assert await read_all(audit, 100, "gamma") == []
 
 
+async def test_past_max_segments_open_a_tenant_gets_a_document_per_batch(
+    store: LocalBackend, audit: AuditLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Descriptors stay bounded however many tenants write at once: with MAX_SEGMENTS
+    # documents open, another tenant's batches are whole documents, as on S3.
+    monkeypatch.setattr(audit_module, "MAX_SEGMENTS", 2)
+    await batch(audit, [0], STAMP, tenant="acme")
+    await batch(audit, [10], STAMP + 1, tenant="beta")
+    await batch(audit, [20], STAMP + 2, tenant="gamma")
+    await batch(audit, [21], STAMP + 3, tenant="gamma")
+    await batch(audit, [1], STAMP + 4, tenant="acme")
+    assert sorted(audit._segments, key=str) == ["acme", "beta"]
+    assert [lines(d) for d in documents(store, "acme")] == [[0, 1]]
+    gamma = documents(store, "gamma")
+    assert [lines(d) for d in gamma] == [[20], [21]]
+    assert all(open_on(d) == 0 for d in gamma)  # written whole, closed
+    assert await read_all(audit, 1, "gamma") == [20, 21]
+    await audit.close()
+    assert audit._segments == {}
+    await batch(audit, [22], STAMP + 5, tenant="gamma")  # room again: appends
+    assert "gamma" in audit._segments
+
+
 async def test_a_cursor_of_a_name_alone_goes_on_after_that_document(
     store: LocalBackend, audit: AuditLog, monkeypatch: pytest.MonkeyPatch
 ) -> None:
