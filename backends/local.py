@@ -1246,9 +1246,16 @@ class _Appendable(Appendable):
         offset = self.size
         try:
             if not await self._by_ring(data, offset):
+                if self._closed:  # meanwhile, and its descriptor went with the ring's attempt
+                    raise ValueError("appendable object closed during an append")
                 await self._in_thread(data, offset)
         except BaseException:
             self._broken = True
+            if not self._closed and (self._running is None or self._running.done()):
+                # What a failed append left (e.g. written, then the fdatasync failed) is
+                # not to be read as appended: cut it off, as far as the disk lets us.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(self._fd, offset)
             raise
         self.size = offset + len(data)
 

@@ -149,6 +149,7 @@ class AuditLog:
         self._appends = True  # until the store says it cannot append
         self._segments: dict[str | None, _Segment] = {}  # each tenant's, where appending
         self._closing: set[asyncio.Future[None]] = set()
+        self._creating = 0  # segments being created
         self.failures = 0
         self.dropped = 0
 
@@ -247,12 +248,16 @@ class AuditLog:
             if current.appendable.size + size <= SEGMENT_BYTES and not current.old():
                 return current
             self._retire(tenant)
-        if len(self._segments) >= MAX_SEGMENTS:
+        if len(self._segments) + self._creating >= MAX_SEGMENTS:
             return None  # many tenants at once: this batch is a document of its own
         opened = time.monotonic()
-        created = await self._create(tenant, stamp, lambda key: self._backend.create_appendable(
-            key, content_type=CONTENT_TYPE
-        ))  # fmt: skip
+        self._creating += 1
+        try:
+            created = await self._create(tenant, stamp, lambda key: self._backend.create_appendable(
+                key, content_type=CONTENT_TYPE
+            ))  # fmt: skip
+        finally:
+            self._creating -= 1
         if created is None:
             self._appends = False
             return None
@@ -330,6 +335,7 @@ class AuditLog:
         """
         skip = 0
         counted = False
+        match_name = ""
         start_after = None
         base = folder(tenant)
         if cursor is not None:
@@ -337,6 +343,7 @@ class AuditLog:
             if match is None:
                 raise BadRequest("the cursor is not one this gateway gave")
             counted = match[2] is not None  # a count, even 0: resume at the document itself
+            match_name = match[1]
             skip = int(match[2] or 0)
             # Names have one length: the name without ".json" sorts just before the name.
             start_after = f"{base}/{match[1][:-5]}" if counted else f"{base}/{match[1]}"
@@ -349,6 +356,8 @@ class AuditLog:
         except (FileNotFoundError, NotADirectoryError):
             return [], None
         names = [entry.name for entry in page.entries if not entry.is_dir]
+        if counted and (not names or names[0].rsplit("/", 1)[-1] != match_name):
+            skip = 0  # the cursor's document is gone: what follows it starts whole
         semaphore = asyncio.Semaphore(_READ_CONCURRENCY)
 
         async def read_one(name: str) -> list[dict[str, Any]]:

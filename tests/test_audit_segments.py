@@ -593,3 +593,34 @@ async def test_a_cursor_not_given_by_the_gateway_is_refused(audit: AuditLog, cur
 
     with pytest.raises(BadRequest):
         await audit.read("acme", cursor=cursor)
+
+
+# -- found in review -----------------------------------------------------------------------------
+
+
+async def test_a_cursor_whose_document_was_deleted_goes_on_with_the_next_whole(
+    store: LocalBackend, audit: AuditLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit_module, "SEGMENT_BYTES", 1)  # a document per batch
+    await batch(audit, [0, 1, 2, 3], STAMP)
+    await batch(audit, [4, 5, 6, 7], STAMP + 10)
+    first, _ = documents(store)
+    records, cursor = await audit.read("acme", limit=3)
+    assert [r["n"] for r in records] == [0, 1, 2]
+    assert cursor == f"{first.name}~3"
+    first.unlink()
+    records, cursor = await audit.read("acme", limit=3, cursor=cursor)
+    assert [r["n"] for r in records] == [4, 5, 6]  # none of the next one skipped
+
+
+async def test_max_segments_holds_for_tenants_starting_at_once(
+    store: LocalBackend, audit: AuditLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(audit_module, "MAX_SEGMENTS", 2)
+    tenants = [f"t{i}" for i in range(8)]
+    futures = [audit.submit(t, {"n": i}, STAMP + i) for i, t in enumerate(tenants)]
+    assert await audit.flush()
+    assert all(f is not None and f.result() for f in futures)
+    assert len(audit._segments) <= 2
+    for i, tenant in enumerate(tenants):
+        assert await read_all(audit, 10, tenant) == [i]

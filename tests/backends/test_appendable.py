@@ -607,3 +607,51 @@ async def test_the_memory_backend_cannot_append() -> None:
         assert not await backend.exists("a/b")
     finally:
         await backend.close()
+
+
+# -- found in review -----------------------------------------------------------------------------
+
+
+async def test_a_close_during_a_failing_ring_append_writes_nowhere(
+    ring_store: LocalBackend, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The ring's attempt fails after close() (which closes the descriptor once the chain is
+    # done): the append must not go on in a thread with a number another file may now have.
+    appendable = await ring_store.create_appendable(KEY)
+    assert isinstance(appendable, local_module._Appendable)
+    held: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+    ring = ring_store._ring
+    assert ring is not None
+    monkeypatch.setattr(ring, "run", lambda ops: held)
+    task = asyncio.create_task(appendable.append(b"audit-line\n"))
+    await asyncio.sleep(0.01)
+    await appendable.close()
+    victim = tmp_path / "victim"
+    reused: list[int] = []
+    held.add_done_callback(lambda _: reused.append(os.open(victim, os.O_RDWR | os.O_CREAT)))
+    held.set_result([-errno.EIO, -errno.ECANCELED])
+    with pytest.raises(ValueError, match="closed"):
+        await task
+    try:
+        assert victim.read_bytes() == b""
+    finally:
+        os.close(reused[0])
+    assert path_of(ring_store).read_bytes() == b""
+
+
+async def test_a_failed_fdatasync_cuts_what_the_append_wrote(
+    store: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    appendable = await store.create_appendable(KEY)
+    await appendable.append(b"kept\n")
+
+    def failing(fd: int) -> None:
+        raise OSError(errno.EIO, "injected")
+
+    monkeypatch.setattr(local_module.os, "fdatasync", failing)
+    if store._ring is not None:  # the ring's attempt fails too: the thread's is the last word
+        monkeypatch.setattr(store._ring, "usable", lambda count: False)
+    with pytest.raises(OSError):
+        await appendable.append(b"not acknowledged\n")
+    await appendable.close()
+    assert path_of(store).read_bytes() == b"kept\n"
