@@ -34,7 +34,10 @@ audit log right after its change sees it. Shutdown flushes what is queued.
 
 Reading: oldest first (by document, then line: documents of two processes interleave by
 their first records), a page at a time; the cursor names a document and how many of its
-records were already returned, so a document that grows after a page still gives the rest.
+records were already returned, so the cursor's document still gives what is appended to it
+after the page. An earlier document of another process that grows after a page has passed
+it (for up to ``SEGMENT_SECONDS``) is not read again: a reader at the live end of a log
+written by several processes may miss those lines, as it could miss a batch written late.
 There is no retention yet: records are kept until deleted from the store.
 """
 
