@@ -250,6 +250,9 @@ class Backend(ABC):
         )
         return info, replaced
 
+    appends: ClassVar[bool] = False
+    """True if ``create_appendable`` makes objects: an object may then grow after a read."""
+
     async def create_appendable(
         self, key: str, *, content_type: str | None = None
     ) -> Appendable | None:

@@ -1732,6 +1732,7 @@ class LocalBackend(Backend):
             raise
 
     splices_sockets = True
+    appends = True
 
     async def write_socket_body(
         self,

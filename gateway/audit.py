@@ -149,7 +149,7 @@ class AuditLog:
         self._writes: set[asyncio.Task[None]] = set()
         self._writing: set[str | None] = set()  # tenants whose document is being written
         self._written = asyncio.Event()  # set when a document write ends
-        self._appends = True  # until the store says it cannot append
+        self._appends = backend.appends  # until the store says it cannot append
         self._segments: dict[str | None, _Segment] = {}  # each tenant's, where appending
         self._closing: set[asyncio.Future[None]] = set()
         self._creating = 0  # segments being created
@@ -379,9 +379,12 @@ class AuditLog:
             records += found
         next_cursor = None
         if page.next_cursor is not None and names:
-            # Its count of records too: the document may grow (appends) before the next page.
-            taken = len(documents[-1]) if len(names) > 1 else max(skip, len(documents[0]))
-            next_cursor = f"{names[-1].rsplit('/', 1)[-1]}~{taken}"
+            last = names[-1].rsplit("/", 1)[-1]
+            if self._backend.appends:  # the document may grow before the next page: a count
+                taken = len(documents[-1]) if len(names) > 1 else max(skip, len(documents[0]))
+                next_cursor = f"{last}~{taken}"
+            else:  # documents never grow here: the next page starts after it
+                next_cursor = last
         return records, next_cursor
 
     async def _read_document(self, name: str) -> list[dict[str, Any]]:

@@ -521,8 +521,29 @@ async def test_where_the_store_cannot_append_each_batch_is_a_document() -> None:
         info = await backend.info(page.entries[0].name)
         assert info.content_type == "application/x-ndjson"
         assert await read_all(audit, 100) == [0, 1, 2, 3, 4, 5]
+        for limit in (1, 2, 3, 4):
+            assert await read_all(audit, limit) == [0, 1, 2, 3, 4, 5]
         assert audit._segments == {}
         assert audit.failures == 0
+    finally:
+        await audit.close()
+        await backend.close()
+
+
+async def test_where_documents_never_grow_a_page_goes_on_after_its_last_one() -> None:
+    # No count in the cursor: the next page neither lists nor reads that document again.
+    backend = MemoryBackend()
+    await backend.start()
+    audit = AuditLog(backend)
+    try:
+        for n in range(3):
+            await batch(audit, [n], STAMP + 10 * n)
+        page = await backend.list(folder("acme"), recursive=True)
+        names = [entry.name.rsplit("/", 1)[-1] for entry in page.entries]
+        records, cursor = await audit.read("acme", limit=2)
+        assert ([r["n"] for r in records], cursor) == ([0, 1], names[1])
+        records, cursor = await audit.read("acme", limit=2, cursor=cursor)
+        assert ([r["n"] for r in records], cursor) == ([2], None)
     finally:
         await audit.close()
         await backend.close()
