@@ -1348,8 +1348,13 @@ class LocalBackend(Backend):
         With ``create``, missing directories are made (and their creation made durable).
         Raises ``NotADirectoryError`` if a segment is a file, ``PermissionError`` at a link.
         """
-        if not create and self._base is not None:
-            found = _open_beneath(self._base, segments, key)
+        if self._base is not None:  # one call where the directory is there (no mkdir tries)
+            try:
+                found = _open_beneath(self._base, segments, key)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                found = None  # made below
             if found is not None:
                 return found
         fd = self._open_base()
@@ -1868,10 +1873,7 @@ class LocalBackend(Backend):
     ) -> os.stat_result:
         """Give a sealed temporary file its name in the key's directory (made if missing),
         looked up now, right before the rename, and make that durable."""
-        try:
-            parent = self._open_dir(segments[:-1], key)  # no mkdir attempts where it exists
-        except FileNotFoundError:
-            parent = self._open_dir(segments[:-1], key, create=True)
+        parent = self._open_dir(segments[:-1], key, create=True)
         try:
             st = temp.install(parent, segments[-1], key, exclusive, self._spares)
             temp.settle(parent, self._spares)
@@ -2015,10 +2017,7 @@ class LocalBackend(Backend):
 
     def _create_appendable(self, segments: list[str], key: str, xattr: bytes | None) -> int:
         """Create the file at ``key`` (its directory made if missing), its name durable."""
-        try:
-            parent = self._open_dir(segments[:-1], key)
-        except FileNotFoundError:
-            parent = self._open_dir(segments[:-1], key, create=True)
+        parent = self._open_dir(segments[:-1], key, create=True)
         try:
             fd = os.open(segments[-1], _TEMP_FLAGS, 0o666, dir_fd=parent)
             try:

@@ -149,7 +149,6 @@ class AuditLog:
         self._writes: set[asyncio.Task[None]] = set()
         self._writing: set[str | None] = set()  # tenants whose document is being written
         self._written = asyncio.Event()  # set when a document write ends
-        self._appends = backend.appends  # until the store says it cannot append
         self._segments: dict[str | None, _Segment] = {}  # each tenant's, where appending
         self._closing: set[asyncio.Future[None]] = set()
         self._creating = 0  # segments being created
@@ -229,7 +228,7 @@ class AuditLog:
     async def _store(self, tenant: str | None, stamp: int, data: bytes) -> None:
         """Store one batch (``data``, its first record at ``stamp``): appended to the tenant's
         current document where the store appends, else as a document of its own."""
-        if self._appends:
+        if self._backend.appends:
             segment = await self._segment(tenant, stamp, len(data))
             if segment is not None:
                 try:
@@ -262,7 +261,6 @@ class AuditLog:
         finally:
             self._creating -= 1
         if created is None:
-            self._appends = False
             return None
         segment = _Segment(created, opened)
         self._segments[tenant] = segment
