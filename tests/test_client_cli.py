@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from gateway.cli import main
-from tests.support.gateway_process import free_port
+from tests.support.ports import free_port
 from tests.support.tenant_gateway import TenantGateway, tenant_gateway
 
 BIG = 100 * 1000 * 1000

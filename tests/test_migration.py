@@ -25,7 +25,6 @@ from typing import Any, Final
 
 import pytest
 
-from tests.support.gateway_process import free_port
 from tests.support.moto import AWS_ENV, s3_client
 
 OBJECTS: Final = 20_000
@@ -132,9 +131,11 @@ class S3Store(Store):
         from moto.server import ThreadedMotoServer
 
         logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request
-        port = free_port()
-        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        # Port 0: the server binds a port of its own choosing (no probe another process
+        # could take first; a failed bind would leave start() waiting forever).
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.server.start()
+        _, port = self.server.get_host_and_port()
         endpoint = f"http://127.0.0.1:{port}"
         self.client = s3_client(endpoint)
         self.client.create_bucket(Bucket=BUCKET)

@@ -28,7 +28,8 @@ import psutil
 import pytest
 import yaml
 
-from tests.support.gateway_process import HOST, GatewayProcess, free_port
+from tests.support.gateway_process import HOST, GatewayProcess
+from tests.support.ports import free_port
 
 pytestmark = pytest.mark.slow
 

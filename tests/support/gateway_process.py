@@ -23,7 +23,6 @@ import atexit
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -35,6 +34,8 @@ from pathlib import Path
 from typing import IO, Any, Final
 
 import yaml
+
+from tests.support.ports import free_port, listens_alone, process_tree
 
 START_TIMEOUT: Final = 30.0
 STOP_TIMEOUT: Final = 15.0
@@ -50,14 +51,6 @@ QUIET_AWS_ENV: Final[Mapping[str, str]] = {
 
 # urllib honours HTTP(S)_PROXY; a local test server must be reached directly.
 _OPENER: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def nested(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -167,12 +160,15 @@ class GatewayProcess:
             )
             atexit.register(self._terminate)
             url = f"http://{HOST}:{port}"
-            if self._wait_ready(url):
+            ready = self._wait_ready(url, port)
+            if ready:
                 self.port, self.url = port, url
                 return url
             exited = self.process.poll() is not None
             self._terminate()
-            if not exited or attempt == 2:  # alive but not ready: another port will not help
+            # Alive but not ready: another port will not help (unless another process has
+            # this one: ready is None then).
+            if (not exited and ready is not None) or attempt == 2:
                 break
         log = self.log_text()
         self._remove_workdir()
@@ -223,7 +219,10 @@ class GatewayProcess:
         path.write_text(yaml.safe_dump(config, sort_keys=True), encoding="utf-8")
         return path
 
-    def _wait_ready(self, url: str) -> bool:
+    def _wait_ready(self, url: str, port: int) -> bool | None:
+        """True once the process answers 200 at ``ready_path``; False if it exits or the
+        time is up; None if another process listens on ``port`` (``ports.listens_alone``:
+        until this one exits on its failed bind, that one would answer)."""
         assert self.process is not None
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
@@ -232,7 +231,9 @@ class GatewayProcess:
             try:
                 with _OPENER.open(f"{url}{self.ready_path}", timeout=2) as response:
                     if response.status == 200:
-                        return True
+                        alone = listens_alone(port, process_tree(self.process.pid))
+                        if alone is not None:
+                            return True if alone else None
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.05)

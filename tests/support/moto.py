@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,8 @@ import urllib.request
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import IO, TYPE_CHECKING, Any, Final
+
+from tests.support.ports import free_port, listens_alone, process_tree
 
 if TYPE_CHECKING:
     import pytest
@@ -59,14 +60,6 @@ main(["-H", sys.argv[1], "-p", sys.argv[2]])
 
 # urllib honours HTTP(S)_PROXY; a local test server must be reached directly.
 _OPENER: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def clean_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -112,7 +105,7 @@ class MotoServer:
                 stdout=self._log,
                 stderr=subprocess.STDOUT,
             )
-            if self._wait_until_up(endpoint):
+            if self._wait_until_up(endpoint, port):
                 self.endpoint = endpoint
                 return endpoint
             last_error = self._log_tail()
@@ -139,7 +132,9 @@ class MotoServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def _wait_until_up(self, endpoint: str) -> bool:
+    def _wait_until_up(self, endpoint: str, port: int) -> bool:
+        """Whether the server came up on ``port`` alone (``ports.listens_alone``: another
+        process's server there would answer until this one exits on its failed bind)."""
         assert self._process is not None
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
@@ -148,9 +143,12 @@ class MotoServer:
             try:
                 with _OPENER.open(f"{endpoint}/moto-api/data.json", timeout=1) as response:
                     response.read()
-                    return True
+                alone = listens_alone(port, process_tree(self._process.pid))
+                if alone is not None:
+                    return alone
             except (urllib.error.URLError, OSError):
-                time.sleep(0.05)
+                pass
+            time.sleep(0.05)
         return False
 
     def _log_tail(self) -> str:
