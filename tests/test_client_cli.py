@@ -20,7 +20,7 @@ import pytest
 from click.testing import CliRunner
 
 from gateway.cli import main
-from tests.support.ports import free_port
+from tests.support.ports import refused_port
 from tests.support.tenant_gateway import TenantGateway, tenant_gateway
 
 BIG = 100 * 1000 * 1000
@@ -111,8 +111,9 @@ def test_files_exit_codes_name_the_kind_of_error(gateway: TenantGateway, tmp_pat
     # A tenant the token has no role on: 403, whether it exists or not.
     assert _files(gateway, "stat", "ns/x", tenant="other")[0] == 4
     # Nothing listens there: unreachable, after no retry.
-    dead = ["--url", f"http://127.0.0.1:{free_port()}", "--retries", "0", "stat", "ns/x"]
-    result = CliRunner().invoke(main, ["files", *dead])
+    with refused_port() as port:
+        dead = ["--url", f"http://127.0.0.1:{port}", "--retries", "0", "stat", "ns/x"]
+        result = CliRunner().invoke(main, ["files", *dead])
     assert result.exit_code == 7, result.output
     result = CliRunner().invoke(main, ["files", "stat", "x"], env={"GATEWAY_URL": ""})
     assert result.exit_code == 2 and "GATEWAY_URL" in result.output

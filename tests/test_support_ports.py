@@ -12,6 +12,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import socket
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -65,6 +66,16 @@ def test_listens_alone_tells_own_foreign_and_free_ports(stranger: int) -> None:
     assert ports.listens_alone(stranger, {os.getpid() + 1_000_000}) is False
     assert ports.listens_alone(ports.free_port(), {os.getpid()}) is None
     assert ports.listeners(stranger) == {os.getpid()}
+
+
+def test_a_refused_port_refuses_and_cannot_be_listened_on() -> None:
+    with ports.refused_port() as port:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((ports.HOST, port), timeout=5)
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind((ports.HOST, port))
+            other.listen()
+        assert ports.listens_alone(port, {os.getpid()}) is None
 
 
 def test_a_gateway_launcher_handed_a_taken_port_starts_on_another(

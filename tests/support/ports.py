@@ -11,8 +11,9 @@ its process's (or its workers').
 
 from __future__ import annotations
 
+import contextlib
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Final
 
 import psutil
@@ -26,6 +27,16 @@ def free_port() -> int:
         sock.bind((HOST, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+@contextlib.contextmanager
+def refused_port() -> Iterator[int]:
+    """A port of 127.0.0.1 where a connection is refused for as long as the block runs: it
+    is bound here and never listened on, so no other process can listen there meanwhile (a
+    port merely probed free could be taken by another test's server)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        yield sock.getsockname()[1]
 
 
 def listeners(port: int) -> set[int | None]:
