@@ -180,21 +180,28 @@ async def test_a_small_file_not_in_the_page_cache_is_read_in_a_thread(
 ) -> None:
     data = os.urandom(48 * 1024)
     await put(store, "tenants/acme/cold.bin", data)
-    fd = os.open(base(store) / "tenants/acme/cold.bin", os.O_RDONLY)
-    try:
-        for _ in range(100):
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: dropped
-            if _cached_pages(fd, len(data)) == 0:
-                break
-            # A page still in another processor's batch of pages to file is skipped: again.
-            await asyncio.sleep(0.01)
-        else:
-            pytest.fail("the file's pages stayed in the page cache")
-    finally:
-        os.close(fd)
     threads = _thread_reads(monkeypatch)
-    assert await get(store, "tenants/acme/cold.bin") == data
-    assert threads == [True]
+    # A read with RWF_NOWAIT of pages not in the cache starts their readahead before it gives
+    # up; if the disk answers at once, it may find them there and succeed on the event loop
+    # (seen once in CI). Not waiting was the point, so that is no fault; but of five cold
+    # reads one at least must go to a thread, and every one must return the bytes.
+    cold = 0
+    while cold < 5 and not threads:
+        cold += 1
+        fd = os.open(base(store) / "tenants/acme/cold.bin", os.O_RDONLY)
+        try:
+            for _ in range(100):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: dropped
+                if _cached_pages(fd, len(data)) == 0:
+                    break
+                # A page still in another processor's batch of pages to file is skipped: again.
+                await asyncio.sleep(0.01)
+            else:
+                pytest.fail("the file's pages stayed in the page cache")
+        finally:
+            os.close(fd)
+        assert await get(store, "tenants/acme/cold.bin") == data
+    assert threads == [True], f"{cold} cold reads, none in a thread"
 
 
 async def test_reads_go_to_threads_on_a_file_system_that_is_not_a_local_disk(
