@@ -237,9 +237,13 @@ class AuditLog:
                     self._retire(tenant)  # its end is unknown: the next batch starts another
                     raise
                 return
-        await self._create(tenant, stamp, lambda key: self._backend.write(
-            key, one(data), content_type=CONTENT_TYPE, exclusive=True
-        ))  # fmt: skip
+        await self._create(
+            tenant,
+            stamp,
+            lambda key: self._backend.write(
+                key, one(data), content_type=CONTENT_TYPE, exclusive=True
+            ),
+        )
 
     async def _segment(self, tenant: str | None, stamp: int, size: int) -> _Segment | None:
         """The tenant's document to append ``size`` bytes to: the current one while it is
@@ -255,9 +259,8 @@ class AuditLog:
         opened = time.monotonic()
         self._creating += 1
         try:
-            created = await self._create(tenant, stamp, lambda key: self._backend.create_appendable(
-                key, content_type=CONTENT_TYPE
-            ))  # fmt: skip
+            create = functools.partial(self._backend.create_appendable, content_type=CONTENT_TYPE)
+            created = await self._create(tenant, stamp, create)
         finally:
             self._creating -= 1
         if created is None:
@@ -335,29 +338,33 @@ class AuditLog:
         A cursor is ``<document>~<records of it already returned>``.
         """
         skip = 0
-        counted = False
-        match_name = ""
+        resume = None  # a cursor with a count: its document, read again past ``skip`` records
         start_after = None
         base = folder(tenant)
         if cursor is not None:
             match = _CURSOR.fullmatch(cursor)
             if match is None:
                 raise BadRequest("the cursor is not one this gateway gave")
-            counted = match[2] is not None  # a count, even 0: resume at the document itself
-            match_name = match[1]
-            skip = int(match[2] or 0)
-            # Names have one length: the name without ".json" sorts just before the name.
-            start_after = f"{base}/{match[1][:-5]}" if counted else f"{base}/{match[1]}"
+            name, count = match[1], match[2]
+            if count is None:  # a bare name: the page starts after the document
+                start_after = f"{base}/{name}"
+            else:  # a count, even 0: the page starts at the document (it may have grown)
+                resume, skip = name, int(count)
+                # Names have one length: the name without ".json" sorts just before the name.
+                start_after = f"{base}/{name[:-5]}"
         try:
-            # With a count, the cursor's document comes first (it may have grown), and one
-            # more is listed: a page gets past it even if it gives nothing new.
+            # Resuming, one more is listed: a page gets past the cursor's document even if it
+            # gives nothing new.
             page = await self._backend.list(
-                base, recursive=True, limit=limit + 1 if counted else limit, start_after=start_after
+                base,
+                recursive=True,
+                limit=limit if resume is None else limit + 1,
+                start_after=start_after,
             )
         except (FileNotFoundError, NotADirectoryError):
             return [], None
         names = [entry.name for entry in page.entries if not entry.is_dir]
-        if counted and (not names or names[0].rsplit("/", 1)[-1] != match_name):
+        if resume is not None and (not names or names[0].rsplit("/", 1)[-1] != resume):
             skip = 0  # the cursor's document is gone: what follows it starts whole
         semaphore = asyncio.Semaphore(_READ_CONCURRENCY)
 

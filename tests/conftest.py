@@ -22,6 +22,7 @@ import pytest
 import pytest_asyncio
 
 from backends.base import Backend
+from tests.backends.helpers import started
 
 if TYPE_CHECKING:
     from tests.support.moto import MotoServer
@@ -78,11 +79,8 @@ async def shared_s3_backend(moto_server: MotoServer, moto_client: Any) -> AsyncI
         secret_key=SECRET_KEY,
         force_path_style=True,
     )
-    await store.start()
-    try:
+    async with started(store):
         yield store
-    finally:
-        await store.close()
 
 
 @pytest.fixture(params=BACKEND_TYPES)
@@ -102,11 +100,8 @@ async def memory_backend() -> AsyncIterator[Backend]:
     from backends.memory import MemoryBackend
 
     store = MemoryBackend()
-    await store.start()
-    try:
+    async with started(store):
         yield store
-    finally:
-        await store.close()
 
 
 @pytest_asyncio.fixture(loop_scope="session")
@@ -115,11 +110,8 @@ async def local_backend(tmp_path: Path) -> AsyncIterator[Backend]:
     from backends.local import LocalBackend
 
     store = LocalBackend(tmp_path / "store")
-    await store.start()
-    try:
+    async with started(store):
         yield store
-    finally:
-        await store.close()
 
 
 @pytest.fixture

@@ -21,19 +21,15 @@ from backends.local import LocalBackend
 from backends.memory import MemoryBackend
 from gateway.audit import AUDIT_PREFIX, NULL_TENANT_SEGMENT, SEGMENT_SECONDS, AuditLog, folder
 from gateway.documents import encode
-from tests.backends.helpers import eventually
+from tests.backends.helpers import eventually, started
 
 STAMP = 1_700_000_000_000_000_000
 
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[LocalBackend]:
-    backend = LocalBackend(tmp_path / "store")
-    await backend.start()
-    try:
+    async with started(LocalBackend(tmp_path / "store")) as backend:
         yield backend
-    finally:
-        await backend.close()
 
 
 @pytest.fixture

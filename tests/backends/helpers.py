@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Mapping
+from typing import TypeVar
 
 from backends.base import Backend, Info
+
+_B = TypeVar("_B", bound=Backend)
+
+
+@contextlib.asynccontextmanager
+async def started(backend: _B) -> AsyncIterator[_B]:
+    """Given a backend, start it, and close it on the way out."""
+    await backend.start()
+    try:
+        yield backend
+    finally:
+        await backend.close()
 
 
 async def body(*parts: bytes) -> AsyncIterator[bytes]:

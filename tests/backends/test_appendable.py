@@ -20,7 +20,7 @@ from backends import _uring
 from backends.base import Appendable
 from backends.local import XATTR, LocalBackend
 from backends.memory import MemoryBackend
-from tests.backends.helpers import eventually, get, put
+from tests.backends.helpers import eventually, get, put, started
 
 KEY = "tenants/acme/logs/deep/segment.json"
 
@@ -29,28 +29,22 @@ KEY = "tenants/acme/logs/deep/segment.json"
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[LocalBackend]:
     """A started local backend: appends by its io_uring ring ("ring") or by worker threads
     ("thread", as with ``io_uring=False`` or where io_uring is missing)."""
-    backend = LocalBackend(tmp_path / "store", io_uring=request.param == "ring")
-    await backend.start()
-    try:
+    async with started(
+        LocalBackend(tmp_path / "store", io_uring=request.param == "ring")
+    ) as backend:
         if request.param == "ring":
             assert backend._ring is not None, "io_uring is available on this project's machines"
         else:
             assert backend._ring is None
         yield backend
-    finally:
-        await backend.close()
 
 
 @pytest.fixture
 async def ring_store(tmp_path: Path) -> AsyncIterator[LocalBackend]:
     """A started local backend with its io_uring ring."""
-    backend = LocalBackend(tmp_path / "store")
-    await backend.start()
-    try:
+    async with started(LocalBackend(tmp_path / "store")) as backend:
         assert backend._ring is not None, "io_uring is available on this project's machines"
         yield backend
-    finally:
-        await backend.close()
 
 
 def on_ring(store: LocalBackend) -> bool:

@@ -29,7 +29,7 @@ import backends.local as local_module
 from backends import _uring
 from backends.base import SYSTEM_PREFIX
 from backends.local import LOCK_NAME, SPARE_SUFFIX, TMP_DIR, XATTR, LocalBackend
-from tests.backends.helpers import UploadFailed, body, failing_body, get, names, put
+from tests.backends.helpers import UploadFailed, body, failing_body, get, names, put, started
 from tests.support.tmpfs import mounted_tmpfs
 
 MiB = 1024 * 1024
@@ -37,12 +37,8 @@ MiB = 1024 * 1024
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[LocalBackend]:
-    backend = LocalBackend(tmp_path / "store")
-    await backend.start()
-    try:
+    async with started(LocalBackend(tmp_path / "store")) as backend:
         yield backend
-    finally:
-        await backend.close()
 
 
 def base(store: LocalBackend) -> Path:
