@@ -30,7 +30,6 @@ import ctypes
 import errno
 import fcntl
 import functools
-import itertools
 import json
 import operator
 import os
@@ -2285,8 +2284,20 @@ class _ScanCache:
 _SCANS: Final = _ScanCache()
 
 
-def _children(fd: int, prefix: str) -> list[Child]:
-    return _SCANS.get(fd, prefix).children
+def _children_after(fd: int, prefix: str, start_after: str | None) -> Iterator[Child]:
+    """Given an open directory whose key is ``prefix``, return its sorted children from the
+    first one that is, or holds, a key after ``start_after`` (found by bisection: a page deep
+    into a large directory does not step over the ones before it)."""
+    scan = _SCANS.get(fd, prefix)
+    children = scan.children
+    if start_after is None:
+        return iter(children)
+    first = bisect_right(scan.sort_keys, start_after)
+    # The one subdirectory that sorts before start_after and still holds keys after it is the
+    # one start_after is in: no name has a "/", so nothing sorts between them.
+    if first and children[first - 1][2] and start_after.startswith(children[first - 1][0]):
+        first -= 1
+    return map(children.__getitem__, range(first, len(children)))
 
 
 def _scan_children(fd: int, prefix: str) -> list[Child]:
@@ -2325,12 +2336,11 @@ _sort_key: Final = operator.itemgetter(0)
 
 
 def _list_children(fd: int, prefix: str, limit: int, start_after: str | None) -> Page:
-    scan = _SCANS.get(fd, prefix)
-    children = scan.children
-    first = 0 if start_after is None else bisect_right(scan.sort_keys, start_after)
     entries: list[Info] = []
     last = None
-    for sort_key, name, is_dir in itertools.islice(children, first, None):
+    for sort_key, name, is_dir in _children_after(fd, prefix, start_after):
+        if start_after is not None and sort_key <= start_after:
+            continue  # the subdirectory start_after is in (sorts before it)
         if len(entries) == limit:
             return Page(entries=entries, next_cursor=last)
         try:
@@ -2355,7 +2365,7 @@ def _walk_files(fd: int, prefix: str, limit: int, start_after: str | None) -> Pa
     entries: list[Info] = []
     try:
         try:
-            stack.append((fd, iter(_children(fd, prefix))))
+            stack.append((fd, _children_after(fd, prefix, start_after)))
         except BaseException:
             os.close(fd)
             raise
@@ -2378,7 +2388,7 @@ def _walk_files(fd: int, prefix: str, limit: int, start_after: str | None) -> Pa
                 except (FileNotFoundError, NotADirectoryError, PermissionError):
                     continue  # removed or replaced since the scan
                 try:
-                    stack.append((sub, iter(_children(sub, sort_key))))
+                    stack.append((sub, _children_after(sub, sort_key, start_after)))
                 except BaseException:
                     os.close(sub)
                     raise
