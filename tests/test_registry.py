@@ -619,13 +619,16 @@ async def test_a_storage_failure_during_refresh_keeps_the_old_snapshot(
     two = await make()
     before = two.snapshot
     assert "acme" in before.tenants
-    await one.create_tenant("beta", "Beta")
     original_read = store.open_read
 
     async def broken(key: str) -> Any:
         raise ConnectionError("the store is down")
 
-    monkeypatch.setattr(store, "open_read", broken)
+    # Two's lock held: its background refresh (every 50 ms) must not read beta's records
+    # before the store breaks (it did once in CI, and the refresh below then had nothing new).
+    async with two._lock:
+        await one.create_tenant("beta", "Beta")
+        monkeypatch.setattr(store, "open_read", broken)
     with pytest.raises(ConnectionError):
         await two.refresh()
     await asyncio.sleep(0.2)  # the background refresh fails a few times, and goes on
