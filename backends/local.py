@@ -2284,10 +2284,13 @@ class _ScanCache:
 _SCANS: Final = _ScanCache()
 
 
-def _children_after(fd: int, prefix: str, start_after: str | None) -> Iterator[Child]:
+def _children_after(
+    fd: int, prefix: str, start_after: str | None, *, holder: bool = False
+) -> Iterator[Child]:
     """Given an open directory whose key is ``prefix``, return its sorted children from the
-    first one that is, or holds, a key after ``start_after`` (found by bisection: a page deep
-    into a large directory does not step over the ones before it)."""
+    first one that sorts after ``start_after`` (found by bisection: a page deep into a large
+    directory does not step over the ones before it); with ``holder``, from the subdirectory
+    that holds ``start_after`` if there is one (a walk goes on inside it)."""
     scan = _SCANS.get(fd, prefix)
     children = scan.children
     if start_after is None:
@@ -2295,7 +2298,12 @@ def _children_after(fd: int, prefix: str, start_after: str | None) -> Iterator[C
     first = bisect_right(scan.sort_keys, start_after)
     # The one subdirectory that sorts before start_after and still holds keys after it is the
     # one start_after is in: no name has a "/", so nothing sorts between them.
-    if first and children[first - 1][2] and start_after.startswith(children[first - 1][0]):
+    if (
+        holder
+        and first
+        and children[first - 1][2]
+        and start_after.startswith(children[first - 1][0])
+    ):
         first -= 1
     return map(children.__getitem__, range(first, len(children)))
 
@@ -2339,8 +2347,6 @@ def _list_children(fd: int, prefix: str, limit: int, start_after: str | None) ->
     entries: list[Info] = []
     last = None
     for sort_key, name, is_dir in _children_after(fd, prefix, start_after):
-        if start_after is not None and sort_key <= start_after:
-            continue  # the subdirectory start_after is in (sorts before it)
         if len(entries) == limit:
             return Page(entries=entries, next_cursor=last)
         try:
@@ -2365,7 +2371,7 @@ def _walk_files(fd: int, prefix: str, limit: int, start_after: str | None) -> Pa
     entries: list[Info] = []
     try:
         try:
-            stack.append((fd, _children_after(fd, prefix, start_after)))
+            stack.append((fd, _children_after(fd, prefix, start_after, holder=True)))
         except BaseException:
             os.close(fd)
             raise
@@ -2388,7 +2394,7 @@ def _walk_files(fd: int, prefix: str, limit: int, start_after: str | None) -> Pa
                 except (FileNotFoundError, NotADirectoryError, PermissionError):
                     continue  # removed or replaced since the scan
                 try:
-                    stack.append((sub, _children_after(sub, sort_key, start_after)))
+                    stack.append((sub, _children_after(sub, sort_key, start_after, holder=True)))
                 except BaseException:
                     os.close(sub)
                     raise

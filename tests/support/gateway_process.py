@@ -35,11 +35,10 @@ from typing import IO, Any, Final
 
 import yaml
 
-from tests.support.ports import free_port, listens_alone, process_tree
+from tests.support.ports import HOST, free_port, listens_alone, process_tree
 
 START_TIMEOUT: Final = 30.0
 STOP_TIMEOUT: Final = 15.0
-HOST: Final = "127.0.0.1"
 
 # AWS SDKs read credentials and settings from the environment and from files in $HOME; a
 # gateway under test takes them from its configuration only.
