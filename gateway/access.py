@@ -13,6 +13,7 @@ cost that does not grow with the number of tenants (dictionary look-ups).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -21,10 +22,18 @@ from typing import Final, Literal
 
 from aiohttp import web
 
-from .errors import CsrfRefused, Forbidden, SignInRequired, TenantNotFound, Unauthorized
+from .errors import (
+    CsrfRefused,
+    Forbidden,
+    SignInRequired,
+    SignInsBusy,
+    TenantNotFound,
+    Unauthorized,
+)
 from .keys import Scope
-from .registry import Registry, Snapshot
+from .registry import Registry, Snapshot, User
 from .sessions import COOKIE, CSRF_HEADER, SAFE_METHODS, SESSIONS
+from .state import CONFIG, GUARD
 
 Action = Literal["read", "write", "manage"]
 
@@ -72,7 +81,7 @@ async def identify(request: web.Request, registry: Registry) -> Identity:
         except (binascii.Error, ValueError):
             raise Unauthorized("malformed Basic credentials") from None
         username, colon, password = decoded.partition(":")
-        user = await registry.verify_password_async(username, password) if colon else None
+        user = await check_password(request, registry, username, password) if colon else None
         if user is None:
             raise Unauthorized("wrong username or password")
         return Identity("user", user.username, user.super_admin, user.can_create_tenants)
@@ -83,6 +92,41 @@ async def identify(request: web.Request, registry: Registry) -> Identity:
         _token, account = found
         return Identity("service-account", account.name)
     raise Unauthorized("unsupported authentication scheme: use Basic or Bearer")
+
+
+def client_address(request: web.Request) -> str | None:
+    """The address a request came from: the peer's, or, behind a trusted proxy
+    (``server.trust-proxy``), the last ``X-Forwarded-For`` entry (the one that proxy added;
+    any before it are the client's to write)."""
+    if request.app[CONFIG]["server.trust-proxy"]:
+        forwarded = request.headers.get("X-Forwarded-For")
+        if forwarded:
+            return forwarded.rsplit(",", 1)[-1].strip()
+    return request.remote
+
+
+async def check_password(
+    request: web.Request, registry: Registry, username: str, password: str
+) -> User | None:
+    """Given a username and password sent with ``request``, return the user they prove, or
+    ``None``. A remembered success is answered at once; otherwise the check is hashed under
+    the guard (``gateway.guard``: 429 once the address has spent its budget of failures, 503
+    when too many checks wait), and only a failure stays counted against the address."""
+    user = registry.remembered(username, password)
+    if user is not None:
+        return user
+    guard = request.app[GUARD]
+    address = client_address(request)
+    guard.spend(address)
+    try:
+        async with guard.hashing():
+            user = await asyncio.to_thread(registry.verify_password, username, password)
+    except SignInsBusy:
+        guard.refund(address)  # not checked (a check cancelled midway still hashes: spent)
+        raise
+    if user is not None:
+        guard.refund(address)
+    return user
 
 
 async def identify_session(request: web.Request, registry: Registry) -> Identity:

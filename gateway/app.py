@@ -27,12 +27,13 @@ from .access import Action, authorize, identify
 from .audit import AuditLog
 from .config import Config
 from .errors import Conflict, GatewayError, InsufficientStorage, NotFound, Unauthorized
+from .guard import SignInGuard
 from .keys import Scope
 from .observability import AUDIT, METRICS, Metrics, metrics_handler, observability_middleware
 from .openapi import openapi_document
 from .registry import Registry
 from .sessions import SESSIONS, Sessions
-from .state import BACKEND, CONFIG, IN_FLIGHT, REGISTRY, STARTED, TENANCY, USAGE, InFlight
+from .state import BACKEND, CONFIG, GUARD, IN_FLIGHT, REGISTRY, STARTED, TENANCY, USAGE, InFlight
 from .tenancy import Tenancy
 from .usage import Usage
 
@@ -86,6 +87,9 @@ def _from_exception(exc: BaseException) -> web.Response | None:
         size = getattr(exc, "size", None)
         if size is not None:  # RFC 9110, 14.4: 416 says how large the object is
             response.headers["Content-Range"] = f"bytes */{size}"
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:  # 429 and 503 of gateway.guard: when to try again
+            response.headers["Retry-After"] = str(retry_after)
         return response
     if isinstance(exc, FileNotFoundError):
         return _error(404, "not_found", "no file or directory at this key")
@@ -314,6 +318,7 @@ def create_app(config: Config, backend: Backend | None = None) -> web.Applicatio
         cache_seconds=config["auth.cache-seconds"],
     )
     app[USAGE] = Usage(app[BACKEND])
+    app[GUARD] = SignInGuard(config["auth.sign-in-attempts"])
 
     app[STARTED] = asyncio.Event()
 

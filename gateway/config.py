@@ -60,14 +60,18 @@ def _to_port(key: str, value: object) -> int:
 MAX_WORKERS: Final = 64
 
 
-def _to_workers(key: str, value: object) -> int:
+def _to_int_in(key: str, value: object, low: int, high: int, expected: str) -> int:
     try:
-        workers = int(str(value), 10)
+        number = int(str(value), 10)
     except ValueError:
-        workers = 0
-    if not 1 <= workers <= MAX_WORKERS:
-        raise _fail(key, value, f"expected an integer from 1 to {MAX_WORKERS}")
-    return workers
+        number = low - 1
+    if not low <= number <= high:
+        raise _fail(key, value, expected)
+    return number
+
+
+def _to_workers(key: str, value: object) -> int:
+    return _to_int_in(key, value, 1, MAX_WORKERS, f"expected an integer from 1 to {MAX_WORKERS}")
 
 
 _SIZE_RE: Final = re.compile(r"\s*(\d+)\s*([KMGT]i?B?|B)?\s*", re.IGNORECASE)
@@ -127,6 +131,14 @@ def _to_staleness(key: str, value: object) -> float:
     if seconds > 2:
         raise _fail(key, value, "expected at most 2 seconds")
     return seconds
+
+
+MAX_ATTEMPTS: Final = 100_000
+
+
+def _to_attempts(key: str, value: object) -> int:
+    expected = f"expected an integer from 0 (no limit) to {MAX_ATTEMPTS}"
+    return _to_int_in(key, value, 0, MAX_ATTEMPTS, expected)
 
 
 def _to_size(key: str, value: object) -> int:
@@ -227,6 +239,13 @@ OPTIONS: Final = MappingProxyType(
                 28800.0,
                 _to_positive,
                 "How long a web UI sign-in lasts (seconds from sign-in).",
+            ),
+            Option(
+                "auth.sign-in-attempts",
+                10,
+                _to_attempts,
+                "Failed password checks a client address may make per minute, then 429 "
+                "(0: no limit).",
             ),
             Option("admin.username", None, _to_str, "Super admin created on first start."),
             Option(

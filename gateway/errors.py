@@ -24,6 +24,8 @@ Tree::
     ├── PreconditionFailed (412 precondition_failed)
     ├── PayloadTooLarge (413 payload_too_large)
     ├── RangeNotSatisfiable (416 range_not_satisfiable)
+    ├── TooManyAttempts (429 too_many_attempts)     with Retry-After (gateway.guard)
+    ├── SignInsBusy (503 sign_ins_busy)             with Retry-After (gateway.guard)
     ├── InsufficientStorage (507 insufficient_storage)
     └── StorageUnavailable (503 storage_unavailable)
 """
@@ -112,6 +114,28 @@ class RangeNotSatisfiable(GatewayError):
     def __init__(self, message: str, size: int) -> None:
         super().__init__(message)
         self.size = size
+
+
+class _TryLater(GatewayError):
+    """A refusal that says when to try again (the ``Retry-After`` header, in seconds)."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class TooManyAttempts(_TryLater):
+    """429: this address spent its budget of failed password checks."""
+
+    status = 429
+    code = "too_many_attempts"
+
+
+class SignInsBusy(_TryLater):
+    """503: too many password checks are waiting to be hashed."""
+
+    status = 503
+    code = "sign_ins_busy"
 
 
 class StorageUnavailable(GatewayError):

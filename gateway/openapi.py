@@ -31,9 +31,14 @@ def _errors(*statuses: int) -> dict[str, Any]:
         412: "A precondition failed.",
         413: "The body is larger than limits.max-object-size or the tenant's maxObjectSize.",
         416: "The range starts past the end of the object.",
-        503: "The storage is unavailable.",
+        429: "Too many failed password checks from this address (auth.sign-in-attempts a "
+        "minute); Retry-After says when to try again.",
+        503: "The storage is unavailable, or too many password checks are waiting (with "
+        "Retry-After).",
         507: "The storage is full, or the upload would cross the tenant's maxBytes quota.",
     }
+    if 401 in statuses:  # a password sent with the request is checked under the guard
+        statuses = (*statuses, 429)
     return {str(s): _json(_ERROR_REF, reasons[s]) for s in statuses}
 
 

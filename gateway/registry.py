@@ -1308,21 +1308,33 @@ class Registry:
             self._cache[slot] = (user.password_hash, now + VERIFY_CACHE_TTL)
         return user
 
+    def remembered(self, username: str, password: str) -> User | None:
+        """The user these credentials proved within ``VERIFY_CACHE_TTL`` seconds (while the
+        stored hash is unchanged), answered without hashing; else ``None`` (not a refusal:
+        :meth:`verify_password` decides then)."""
+        if not isinstance(username, str) or not isinstance(password, str):
+            return None
+        user = self._snapshot.users.get(username)
+        if user is None or len(password) > MAX_PASSWORD:
+            return None
+        slot = self._cache_slot(username, password)
+        with self._cache_lock:
+            hit = self._cache.get(slot)
+        if (
+            hit is not None
+            and hit[1] > time.monotonic()
+            and hmac.compare_digest(hit[0], user.password_hash)
+        ):
+            return user
+        return None
+
     async def verify_password_async(self, username: str, password: str) -> User | None:
         """Like :meth:`verify_password`; a remembered success is answered on the loop, and
-        only the hashing of a miss goes to a worker thread."""
-        if isinstance(username, str) and isinstance(password, str):
-            user = self._snapshot.users.get(username)
-            if user is not None and len(password) <= MAX_PASSWORD:
-                slot = self._cache_slot(username, password)
-                with self._cache_lock:
-                    hit = self._cache.get(slot)
-                if (
-                    hit is not None
-                    and hit[1] > time.monotonic()
-                    and hmac.compare_digest(hit[0], user.password_hash)
-                ):
-                    return user
+        only the hashing of a miss goes to a worker thread. (The request path goes through
+        ``gateway.access.check_password``, which guards the hashing.)"""
+        user = self.remembered(username, password)
+        if user is not None:
+            return user
         return await asyncio.to_thread(self.verify_password, username, password)
 
     def verify_token(self, plaintext: str) -> tuple[Token, ServiceAccount] | None:

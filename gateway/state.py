@@ -10,6 +10,7 @@ from aiohttp import web
 from backends.base import Backend
 
 from .config import Config
+from .guard import SignInGuard
 from .registry import Registry
 from .tenancy import Tenancy
 from .usage import Usage
@@ -48,3 +49,4 @@ REGISTRY: Final = web.AppKey("registry", Registry)
 STARTED: Final = web.AppKey("started", asyncio.Event)
 IN_FLIGHT: Final = web.AppKey("in_flight", InFlight)
 USAGE: Final = web.AppKey("usage", Usage)
+GUARD: Final = web.AppKey("guard", SignInGuard)

@@ -20,7 +20,7 @@ from typing import Final
 
 from aiohttp import web
 
-from .access import ANONYMOUS, Identity, identify, identify_session
+from .access import ANONYMOUS, Identity, check_password, identify, identify_session
 from .errors import BadRequest, Forbidden, NotFound, SignInRequired
 from .observability import note_identity
 from .sessions import COOKIE, SESSIONS
@@ -140,7 +140,7 @@ async def sign_in(request: web.Request) -> web.Response:
     if len(username) > MAX_FIELD or len(password) > MAX_FIELD:
         raise BadRequest(f"username and password: at most {MAX_FIELD} characters")
     registry = request.app[REGISTRY]
-    user = await registry.verify_password_async(username, password)
+    user = await check_password(request, registry, username, password)
     if user is None:
         raise SignInRequired("wrong username or password")
     identity = Identity("user", user.username, user.super_admin, user.can_create_tenants)

@@ -234,6 +234,10 @@ def test_one_published_port_for_any_number_of_gateways() -> None:
     assert listen is not None and published[0].endswith(f":{listen[1]}")
     assert f"http://gateway:{port}" in nginx
     assert "client_max_body_size 0;" in nginx  # uploads of any size reach the gateway
+    # Only the balancer reaches the gateways, and it tells them the client's address: failed
+    # sign-ins are then counted per client, not all against the balancer (gateway.guard).
+    assert "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;" in nginx
+    assert gateway_config()["server.trust-proxy"] is True
 
 
 # -- Dockerfile ----------------------------------------------------------------------------

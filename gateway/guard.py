@@ -1,0 +1,142 @@
+"""Password checks under guard: a budget of failures per client address, and a bound on the
+hashing running at once.
+
+A password is checked with scrypt (about 50 ms of CPU and 16 MiB, ``gateway.registry``), so
+that a stolen hash is slow to crack. Unchecked, the same cost would let anyone guess online
+as fast as the cores hash, and let a flood of wrong passwords, from any number of clients,
+starve every tenant's requests of CPU. So:
+
+- each client address has a budget of ``auth.sign-in-attempts`` failed checks, refilled
+  evenly over a minute (a token bucket). A check takes its place in the budget before it is
+  hashed, and a success gives it back: a burst sent at once gets no more checks than the
+  budget. An address whose budget is spent gets ``429`` with ``Retry-After`` for its next
+  password check, unhashed, until the budget refills. IPv6 addresses count per ``/64`` (what
+  one host is usually given).
+- at most ``HASHING`` checks hash at once (half the cores, at least one); up to ``QUEUED``
+  more wait their turn, and any beyond get ``503`` with ``Retry-After``. Whatever the flood,
+  the other cores keep serving.
+
+A remembered success (the registry's cache of recently verified passwords) is not a check:
+it is answered without hashing and without the guard, so a signed-in client behind an address
+whose budget someone else spent keeps working. The budget is per process: with
+``--workers N`` an address gets up to N budgets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import math
+import os
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Final
+
+from .errors import SignInsBusy, TooManyAttempts
+
+WINDOW: Final = 60.0  # seconds over which a spent budget refills
+HASHING: Final = max(1, (os.cpu_count() or 1) // 2)
+QUEUED: Final = 64
+MAX_ADDRESSES: Final = 100_000  # budgets remembered; an evicted one starts full again
+
+
+def address_key(address: str | None) -> str:
+    """Given a client address as the request reports it, return what its budget is kept by:
+    the address itself, its ``/64`` for IPv6 (IPv4-mapped ones as IPv4), or ``"?"``."""
+    if not address:
+        return "?"
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address  # a Unix socket's peer, or whatever a proxy sent: kept as it is
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class SignInGuard:
+    """The budgets of failed password checks, and the bound on hashing (see the module)."""
+
+    def __init__(
+        self,
+        attempts: int,
+        *,
+        hashing: int = HASHING,
+        queued: int = QUEUED,
+        max_addresses: int = MAX_ADDRESSES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.attempts = attempts  # 0: no budget (every check is hashed)
+        self._rate = attempts / WINDOW  # failures refilled per second
+        self._clock = clock
+        self._max_addresses = max_addresses
+        # address key -> (budget left, when it was counted); oldest use first
+        self._budgets: OrderedDict[str, tuple[float, float]] = OrderedDict()
+        self._hashing = asyncio.Semaphore(hashing)
+        self._queued = queued
+        self._waiting = 0
+
+    def _left(self, key: str, now: float) -> float:
+        found = self._budgets.get(key)
+        if found is None:
+            return float(self.attempts)
+        left, when = found
+        return min(float(self.attempts), left + (now - when) * self._rate)
+
+    def spend(self, address: str | None) -> None:
+        """Take one check from the budget of ``address``, or raise ``TooManyAttempts`` if it
+        has none left. Taken before the hashing, so that a burst of checks sent at once
+        cannot all pass a budget that their failures have not spent yet; a success gives it
+        back (``refund``)."""
+        if self.attempts == 0:
+            return
+        now = self._clock()
+        key = address_key(address)
+        left = self._left(key, now)
+        if left < 1:
+            wait = max(1, math.ceil((1 - left) / self._rate))
+            raise TooManyAttempts(
+                f"too many failed sign-ins from this address: at most {self.attempts} a "
+                f"minute (auth.sign-in-attempts); try again in {wait} s",
+                wait,
+            )
+        self._budgets[key] = (left - 1, now)
+        self._budgets.move_to_end(key)
+        if len(self._budgets) > self._max_addresses:
+            self._forget(now)
+
+    def refund(self, address: str | None) -> None:
+        """Give back what ``spend`` took: the check succeeded, or never ran."""
+        if self.attempts == 0:
+            return
+        now = self._clock()
+        key = address_key(address)
+        if key in self._budgets:
+            self._budgets[key] = (min(float(self.attempts), self._left(key, now) + 1), now)
+
+    def _forget(self, now: float) -> None:
+        """Drop the budgets that have refilled (they hold nothing a new one would not); if
+        that is not enough, the oldest used."""
+        for key in [k for k in self._budgets if self._left(k, now) >= self.attempts]:
+            del self._budgets[key]
+        while len(self._budgets) > self._max_addresses:
+            self._budgets.popitem(last=False)
+
+    @asynccontextmanager
+    async def hashing(self) -> AsyncIterator[None]:
+        """Hold one of the ``HASHING`` places, waiting among at most ``QUEUED`` others."""
+        if self._hashing.locked() and self._waiting >= self._queued:
+            raise SignInsBusy("too many sign-ins are being checked at once; try again", 1)
+        self._waiting += 1
+        try:
+            await self._hashing.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._hashing.release()
