@@ -7,9 +7,11 @@ import contextlib
 import gc
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -213,6 +215,8 @@ def _supervise(config: Any, count: int) -> int:
             f"cannot listen on {host}:{config['server.port']}: {exc.strerror}"
         ) from None
     port = reserved.getsockname()[1]
+    # The workers' metric values, summed by whichever answers /metrics (observability).
+    metrics_folder = tempfile.mkdtemp(prefix="gateway-metrics-")
     children: dict[int, tuple[int, float]] = {}  # pid -> (worker number, start time)
     stopping = False
     status = 0
@@ -238,6 +242,9 @@ def _supervise(config: Any, count: int) -> int:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            from .observability import share_metrics
+
+            share_metrics(metrics_folder)
             _run(config, port, reuse_port=True)
             code = 0
         except click.ClickException as exc:
@@ -281,6 +288,7 @@ def _supervise(config: Any, count: int) -> int:
                 spawn(number)
     finally:
         reserved.close()
+        shutil.rmtree(metrics_folder, ignore_errors=True)
     return status
 
 

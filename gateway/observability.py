@@ -10,6 +10,12 @@ process do not collide)::
     gateway_bytes_sent_total{tenant, route}                     response bodies (Content-Length)
     gateway_audit_failures_total, gateway_audit_dropped_total
 
+With ``--workers N`` the workers count into one set of totals: each worker's values live in
+memory-mapped files of a folder the parent makes (prometheus_client's multiprocess mode,
+``share_metrics``), and ``/metrics``, whichever worker answers it, sums every worker's, those of
+workers that have exited too, so no total ever goes down. (Otherwise each scrape would see
+the one worker the kernel handed its connection to, and the totals would jump up and down.)
+
 Every label value is bounded: ``route`` is an object route word (``files``, ``stats``, ``list``,
 ``directories``, ``move``), a registered route template (``/api/v1/tenants/{tenant}``) or
 ``other``; ``tenant`` is a tenant id only if the registry knows it, ``""`` for the null tenant
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import threading
 import time
@@ -36,8 +43,9 @@ from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, values
 from prometheus_client.exposition import generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from .access import Identity, identify
 from .audit import WAIT_BEFORE_RESPONSE, AuditLog, Pending, iso_time, make_record, now_ns
@@ -64,8 +72,24 @@ OBJECT_MUTATIONS: Final = {
 }
 
 
+_shared_folder: str | None = None  # set by share_metrics in a worker of ``serve --workers N``
+
+
+def share_metrics(folder: str) -> None:
+    """In a worker process (before its application is made): keep every metric's values in
+    memory-mapped files in ``folder``, one set per process, which every worker's ``/metrics``
+    sums (prometheus_client's multiprocess mode). ``folder`` is the parent's, new and empty
+    when it starts, removed when it ends."""
+    global _shared_folder
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = folder  # where the files go (read by the library)
+    pid = os.getpid()  # this worker's, fixed: no system call per increment to ask again
+    values.ValueClass = values.MultiProcessValue(lambda: pid)  # type: ignore[no-untyped-call]
+    _shared_folder = folder
+
+
 class Metrics:
-    """The application's Prometheus collectors, in a registry of its own."""
+    """The application's Prometheus collectors, in a registry of its own (in a worker of
+    ``serve --workers N``, their values go to the shared files: ``share_metrics``)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -137,7 +161,11 @@ class Metrics:
             children.sent.inc(bytes_out)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        if _shared_folder is None:
+            return generate_latest(self.registry)
+        every_worker = CollectorRegistry()
+        MultiProcessCollector(every_worker, path=_shared_folder)  # type: ignore[no-untyped-call]
+        return generate_latest(every_worker)
 
 
 @dataclass(frozen=True, slots=True)

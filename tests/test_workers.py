@@ -6,6 +6,8 @@ Real processes over real sockets:
   ``/proc`` with psutil), and uploads then downloads across them are byte-exact.
 - SIGTERM to the parent stops every worker; the parent exits 0.
 - A worker killed once it has run more than 5 s is replaced, and the gateway keeps serving.
+- ``/metrics``, whichever worker answers, counts the requests of every worker, and of a worker
+  that was killed and replaced: no total goes down.
 - ``server.workers`` out of range or not a number is refused at start, naming the key.
 - A port already taken (by a socket without ``SO_REUSEPORT``) is refused: "cannot listen on".
 """
@@ -27,6 +29,7 @@ from typing import Any, Final
 import psutil
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.gateway_process import HOST, GatewayProcess
 from tests.support.ports import free_port
@@ -202,6 +205,69 @@ def test_a_worker_killed_after_its_start_is_replaced(gateway: GatewayProcess) ->
     answered = _round_trips(gateway.port, replaced, 20, seed=2)
     assert answered <= pids and answered, answered
     assert gateway.stop() == 0
+
+
+def _uploads_counted(body: bytes) -> float:
+    """Given a /metrics answer, the count of uploads answered 201 in the tenant."""
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "gateway_requests_total" and (
+                labels["tenant"],
+                labels["method"],
+                labels["status"],
+            ) == (TENANT, "PUT", "201"):
+                return sample.value
+    return 0.0
+
+
+def _scrapes(port: int, workers: list[psutil.Process]) -> dict[int | None, list[float]]:
+    """Scrape /metrics, one new connection each, until every worker has answered one;
+    return what each worker's answers counted (``_uploads_counted``)."""
+    seen: dict[int | None, list[float]] = {}
+    for _ in range(200):
+        status, body, sock = _exchange(port, "GET", "/metrics")
+        with sock:
+            assert status == 200
+            seen.setdefault(_owner(workers, sock), []).append(_uploads_counted(body))
+        if set(seen) == {w.pid for w in workers}:
+            return seen
+    raise AssertionError(f"not every worker answered a scrape: {sorted(seen, key=str)}")
+
+
+def test_metrics_count_every_worker_and_no_total_goes_down(gateway: GatewayProcess) -> None:
+    assert gateway.port is not None
+    ready = time.monotonic()
+    workers = _workers(gateway)
+    answered: set[int | None] = set()
+    uploads = 0
+    while uploads < 20 or len(answered) < WORKERS:  # until both workers have taken some
+        status, reply, sock = _exchange(gateway.port, "PUT", _path(f"m/{uploads}"), b"x")
+        with sock:
+            assert status == 201, reply
+            answered.add(_owner(workers, sock))
+        uploads += 1
+        assert uploads < 500, answered
+    seen = _scrapes(gateway.port, workers)
+    assert {pid: set(counts) for pid, counts in seen.items()} == {w.pid: {uploads} for w in workers}
+    # A worker killed (once past the crash-loop window) and replaced: its uploads still count.
+    time.sleep(max(0.0, ready + CRASH_LOOP_SECONDS + 0.5 - time.monotonic()))
+    workers[0].send_signal(signal.SIGKILL)
+    workers[0].wait(5)
+    deadline = time.monotonic() + 20
+    while True:
+        replaced = _workers(gateway)
+        if workers[0].pid not in {w.pid for w in replaced}:
+            break
+        assert time.monotonic() < deadline, gateway.log_text()[-3000:]
+        time.sleep(0.05)
+    status, reply, sock = _exchange(gateway.port, "PUT", _path("m/after"), b"x")
+    sock.close()
+    assert status == 201, reply
+    seen = _scrapes(gateway.port, replaced)
+    assert {pid: set(counts) for pid, counts in seen.items()} == {
+        w.pid: {uploads + 1} for w in replaced
+    }
 
 
 def _serve(
