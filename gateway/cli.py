@@ -184,10 +184,20 @@ def _run(config: Any, port: int, *, reuse_port: bool) -> None:
 
 def _reserve_port(host: str, port: int) -> socket.socket:
     """Bind (without listening) a ``SO_REUSEPORT`` socket to ``host:port``: it resolves port
-    0 to one free port for every worker, and holds the port while workers restart."""
+    0 to one free port for every worker, and holds the port while workers restart.
+
+    A given port is first bound without ``SO_REUSEPORT``, and let go: that fails with
+    ``EADDRINUSE`` if any process holds the port, even another ``serve --workers N`` (whose
+    sockets have ``SO_REUSEPORT`` too, and would otherwise let this one join them silently:
+    the kernel would then split the connections between two gateways, each with its own
+    configuration and storage)."""
     family, kind, proto, _, address = socket.getaddrinfo(
         host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
     )[0]
+    if port != 0:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past TIME_WAIT only
+            probe.bind(address)
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)

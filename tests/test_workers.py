@@ -9,7 +9,8 @@ Real processes over real sockets:
 - ``/metrics``, whichever worker answers, counts the requests of every worker, and of a worker
   that was killed and replaced: no total goes down.
 - ``server.workers`` out of range or not a number is refused at start, naming the key.
-- A port already taken (by a socket without ``SO_REUSEPORT``) is refused: "cannot listen on".
+- A port already taken (by a socket without ``SO_REUSEPORT``, or by another ``serve --workers
+  N``, whose sockets have it) is refused: "cannot listen on".
 """
 
 from __future__ import annotations
@@ -321,6 +322,23 @@ def test_a_port_in_use_is_refused(tmp_path: Path) -> None:
     assert result.returncode != 0, result.stderr
     assert f"cannot listen on {HOST}:{port}" in result.stderr, result.stderr
     assert "serving on" not in result.stderr
+
+
+def test_a_port_another_gateway_with_workers_serves_is_refused(
+    gateway: GatewayProcess, tmp_path: Path
+) -> None:
+    # Its sockets have SO_REUSEPORT, as this one's would: without the check, the second
+    # gateway would join the port and take half of the connections to its own storage.
+    assert gateway.port is not None
+    _workers(gateway)
+    result = _serve(tmp_path, ["--workers", str(WORKERS)], port=gateway.port)
+    assert result.returncode != 0, result.stderr
+    assert f"cannot listen on {HOST}:{gateway.port}" in result.stderr, result.stderr
+    assert "serving on" not in result.stderr
+    assert gateway.alive()
+    status, _, sock = _exchange(gateway.port, "PUT", _path("still-mine"), b"x")
+    sock.close()
+    assert status == 201
 
 
 def test_sigterm_while_workers_are_still_starting_stops_them_all(tmp_path: Path) -> None:
