@@ -247,9 +247,10 @@ def check_snapshot(registry: Registry, run: Run, target: str, token: str) -> Non
         )
 
 
-def mocked(tenant: str, authorization: str) -> web.Request:
+def mocked(app: web.Application, tenant: str, authorization: str) -> web.Request:
+    """A request of ``app`` (its configuration, and the guard of its password checks)."""
     return make_mocked_request(
-        "GET", f"/api/v1/{tenant}/stats", headers={"Authorization": authorization}
+        "GET", f"/api/v1/{tenant}/stats", headers={"Authorization": authorization}, app=app
     )
 
 
@@ -312,8 +313,8 @@ async def set_up(
         raise BenchError("the replica's refresh did not show the new role")
 
     scope = tenant_scope(target)
-    bearer = mocked(target, f"Bearer {token}")
-    basic = mocked(target, "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode())
+    bearer = mocked(app, target, f"Bearer {token}")
+    basic = mocked(app, target, "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode())
     # The check passes on the target, and refuses a tenant without a binding.
     authorize(registry.snapshot, await identify(bearer, registry), scope, "write")
     other = ids[0] if ids[0] != target else ids[-1]
