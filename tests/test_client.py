@@ -95,6 +95,7 @@ def test_content_type_metadata_checksum_and_ranges(client: Client, tmp_path: Pat
         "ns/f.bin", data, content_type="text/csv", metadata={"execution": "e1"}, checksum=digest
     )
     info = client.stat("ns/f.bin")
+    assert info.metadata is not None
     assert (info.size, info.content_type, dict(info.metadata), info.is_dir) == (
         len(data), "text/csv", {"execution": "e1"}, False,
     )  # fmt: skip

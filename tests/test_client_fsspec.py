@@ -11,7 +11,7 @@ import posixpath
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import fsspec
 import pytest
@@ -26,7 +26,7 @@ from fsspec.tests.abstract import (
 
 from gateway.client import Client, InvalidKey
 from gateway.client.fs import KestraFileSystem
-from tests.support.tenant_gateway import TenantGateway, tenant_gateway
+from tests.support.tenant_gateway import ClientOptions, TenantGateway, tenant_gateway
 
 if TYPE_CHECKING:
     from tests.support.moto import MotoServer
@@ -161,7 +161,8 @@ def test_tenants_see_only_their_own_objects(gateway: TenantGateway) -> None:
     binding = {"tenant": "beta", "kind": "service-account", "subject": "worker", "role": "EDITOR"}
     admin_call(gateway.url, gateway.admin_auth, "PUT", "/api/v1/bindings", binding)
     acme = KestraFileSystem(**gateway.options, skip_instance_cache=True)
-    beta = KestraFileSystem(**{**gateway.options, "tenant": "beta"}, skip_instance_cache=True)
+    beta_options: ClientOptions = {**gateway.options, "tenant": "beta"}
+    beta = KestraFileSystem(**beta_options, skip_instance_cache=True)
     try:
         acme.pipe_file("kestra:///shared/name.txt", b"acme's")
         beta.pipe_file("kestra:///shared/name.txt", b"beta's")
@@ -199,9 +200,17 @@ def storage(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, Any]:
     return {"type": "s3", "s3": s3}
 
 
+class _Row(TypedDict):
+    """One row of the CSV the pandas test writes."""
+
+    id: int
+    name: str
+    value: float
+
+
 def test_pandas_reads_a_csv_the_client_uploaded(storage: dict[str, Any]) -> None:
     pd = pytest.importorskip("pandas")  # in the test extra: always there under `make test`
-    rows = [{"id": i, "name": f"row {i}", "value": i * 1.5} for i in range(1000)]
+    rows: list[_Row] = [{"id": i, "name": f"row {i}", "value": i * 1.5} for i in range(1000)]
     csv = "id,name,value\n" + "".join(f"{r['id']},{r['name']},{r['value']}\n" for r in rows)
     with tenant_gateway({"storage": storage}) as gw:
         with Client(**gw.options) as client:

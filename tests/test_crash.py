@@ -201,7 +201,7 @@ class LocalStore:
         self.tmp = base / ".gateway" / "tmp"
 
     def objects(self) -> dict[str, Stamp]:
-        found = {}
+        found: dict[str, Stamp] = {}
         for path in (self.base / PREFIX).rglob("*"):
             if path.is_file():
                 st = path.stat()
@@ -597,7 +597,7 @@ def test_client_disconnect_mid_upload_and_mid_download(tmp_path: Path) -> None:
         http_put(gateway, old_key, old)
         assert http_digest(gateway, old_key) == sha(old)  # warms up the paths we exercise
         time.sleep(0.3)
-        baseline = proc.num_fds()
+        baseline: int = proc.num_fds()
 
         def settled() -> bool:
             folders = store.tmp_folders()
@@ -610,7 +610,8 @@ def test_client_disconnect_mid_upload_and_mid_download(tmp_path: Path) -> None:
             return bool(files) and proc.num_fds() > baseline
 
         def reading() -> bool:
-            return proc.num_fds() > baseline
+            count: int = proc.num_fds()
+            return count > baseline
 
         for reset in (False, True):
             for key in (old_key, new_key):

@@ -355,6 +355,7 @@ def test_a_flood_of_wrong_passwords_is_held_to_the_budget_while_tokens_work(
 
     with GatewayProcess(settings) as gateway:
         root = {**ROOT, "Content-Type": "application/json"}
+        assert gateway.url is not None
         api = gateway.url + "/api/v1"
         assert call(f"{api}/service-accounts", "POST", root, b'{"name": "worker"}')[0] == 201
         binding = b'{"tenant": "acme", "kind": "service-account", "subject": "worker", '

@@ -419,6 +419,7 @@ def test_usage_stays_exact_with_two_worker_processes(tmp_path: Path) -> None:
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     def call(gateway: GatewayProcess, method: str, path: str, data: bytes | None = None) -> Any:
+        assert gateway.url is not None
         request = urllib.request.Request(gateway.url + path, data=data, method=method)
         with opener.open(request, timeout=30) as response:  # one connection per request
             return response.status, response.read()

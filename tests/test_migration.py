@@ -126,7 +126,7 @@ class S3Store(Store):
     moto's own store; the migration still talks to it over HTTP, as to any S3."""
 
     def __init__(self, tmp_path: Path) -> None:
-        from moto.core import DEFAULT_ACCOUNT_ID
+        from moto.core.models import DEFAULT_ACCOUNT_ID
         from moto.s3.models import s3_backends
         from moto.server import ThreadedMotoServer
 

@@ -13,13 +13,14 @@ import json
 import os
 import re
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
-from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
+from playwright.sync_api import Browser, BrowserContext, Dialog, Page, expect, sync_playwright
 
 from tests.support.gateway_process import GatewayProcess
 
@@ -321,12 +322,17 @@ def test_a_super_admin_soft_deletes_and_restores_a_tenant(
 def test_a_hostile_file_name_is_shown_as_text_and_runs_no_script(
     gateway: GatewayProcess, context: BrowserContext
 ) -> None:
-    key = urllib.request.quote(HOSTILE, safe="")
+    key = urllib.parse.quote(HOSTILE, safe="")
     status, _ = call(f"{gateway.url}/api/v1/acme/files/{key}", "PUT", ALICE, data=b"<b>x</b>")
     assert status == 201
     page = context.new_page()
     dialogs: list[str] = []
-    page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
+
+    def on_dialog(dialog: Dialog) -> None:
+        dialogs.append(dialog.message)
+        dialog.dismiss()
+
+    page.on("dialog", on_dialog)
     sign_in(page, str(gateway.url))
     name = page.locator("#listing button.file", has_text="onerror")
     expect(name).to_have_text(HOSTILE)

@@ -32,8 +32,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.gateway_process import HOST, GatewayProcess
-from tests.support.ports import free_port
+from tests.support.gateway_process import GatewayProcess
+from tests.support.ports import HOST, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -388,6 +388,8 @@ def test_sigterm_while_workers_are_still_starting_stops_them_all(tmp_path: Path)
 
 def _alive(pid: int) -> bool:
     try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        status: str = psutil.Process(pid).status()
+        zombie: str = psutil.STATUS_ZOMBIE
+        return status != zombie
     except psutil.NoSuchProcess:
         return False

@@ -27,7 +27,8 @@ from typing import Any, Final
 import psutil
 import pytest
 
-from tests.support.gateway_process import HOST, GatewayProcess
+from tests.support.gateway_process import GatewayProcess
+from tests.support.ports import HOST
 
 pytestmark = pytest.mark.slow
 

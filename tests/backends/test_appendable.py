@@ -642,7 +642,7 @@ async def test_a_failed_fdatasync_cuts_what_the_append_wrote(
     def failing(fd: int) -> None:
         raise OSError(errno.EIO, "injected")
 
-    monkeypatch.setattr(local_module.os, "fdatasync", failing)
+    monkeypatch.setattr(os, "fdatasync", failing)
     if store._ring is not None:  # the ring's attempt fails too: the thread's is the last word
         monkeypatch.setattr(store._ring, "usable", lambda count: False)
     with pytest.raises(OSError):

@@ -59,7 +59,8 @@ def open_fds() -> int:
     """This process's open descriptors, once earlier tests' backends are collected (each
     closes its base directory's descriptor when it goes)."""
     gc.collect()
-    return psutil.Process().num_fds()
+    count: int = psutil.Process().num_fds()
+    return count
 
 
 def spare_files(store: LocalBackend) -> list[Path]:
@@ -1006,7 +1007,7 @@ async def test_a_replaced_file_becomes_a_spare_only_once_the_exchange_is_durable
 
     if held:
         held.hook = watching_ring
-    monkeypatch.setattr(local_module.os, "fsync", watching)
+    monkeypatch.setattr(os, "fsync", watching)
     await put(store, "s/x", b"over the spare")
     assert queued_at_directory_fsync == [0]  # not yet a spare when the directory is synced
     assert len(spares._names) == 1
@@ -1022,7 +1023,7 @@ async def test_a_replaced_file_becomes_a_spare_only_once_the_exchange_is_durable
 
     if held:
         held.hook = failing_ring
-    monkeypatch.setattr(local_module.os, "fsync", failing)
+    monkeypatch.setattr(os, "fsync", failing)
     with pytest.raises(OSError):
         await put(store, "s/a", b"third")  # over the spare, replacing a file
     assert spares._names == deque()
@@ -1044,6 +1045,7 @@ async def test_an_empty_object_over_an_empty_spare_gets_a_new_etag(
     assert os.stat(base(store) / "s/b").st_ino == inode
     again = await store.info("s/b")
     assert again.etag != first.etag
+    assert again.mtime is not None and first.mtime is not None
     assert again.mtime >= first.mtime
 
 
@@ -1142,7 +1144,7 @@ async def test_where_leases_are_refused_replaced_files_are_removed(
             raise OSError(errno.EINVAL, "leases unsupported")
         return real(fd, command, *args)
 
-    monkeypatch.setattr(local_module.fcntl, "fcntl", no_leases)
+    monkeypatch.setattr(fcntl, "fcntl", no_leases)
     await put(store, "s/a", b"old")
     await put(store, "s/a", b"new")  # kept: leases are only asked for when reusing
     await put(store, "s/b", b"other")  # refused: the spare goes, and spares are off

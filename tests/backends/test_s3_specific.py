@@ -22,11 +22,11 @@ from tests.support.moto import (
     ACCESS_KEY,
     SECRET_KEY,
     MotoServer,
-    free_port,
     isolate_aws_env,
     make_bucket,
     s3_client,
 )
+from tests.support.ports import free_port
 
 MiB = 1024 * 1024
 BUCKET = "gateway-test"

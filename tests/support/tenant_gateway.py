@@ -14,12 +14,20 @@ import secrets
 import urllib.request
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, TypedDict
 
 from tests.support.gateway_process import GatewayProcess, nested
 
 TENANT: Final = "acme"
 _OPENER: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class ClientOptions(TypedDict):
+    """The keyword arguments ``Client`` and ``KestraFileSystem`` take to reach a tenant."""
+
+    url: str
+    tenant: str
+    token: str
 
 
 @dataclass(frozen=True)
@@ -31,7 +39,7 @@ class TenantGateway:
     admin_auth: str  # "admin:<password>"
 
     @property
-    def options(self) -> dict[str, str]:
+    def options(self) -> ClientOptions:
         """The client's / fsspec's options for the tenant's worker."""
         return {"url": self.url, "tenant": self.tenant, "token": self.token}
 
