@@ -30,6 +30,7 @@ from .errors import (
     TenantNotFound,
     Unauthorized,
 )
+from .guard import forwarded_address
 from .keys import Scope
 from .registry import Registry, Snapshot, User
 from .sessions import COOKIE, CSRF_HEADER, SAFE_METHODS, SESSIONS
@@ -96,12 +97,13 @@ async def identify(request: web.Request, registry: Registry) -> Identity:
 
 def client_address(request: web.Request) -> str | None:
     """The address a request came from: the peer's, or, behind a trusted proxy
-    (``server.trust-proxy``), the last ``X-Forwarded-For`` entry (the one that proxy added;
-    any before it are the client's to write)."""
+    (``server.trust-proxy``), the last ``X-Forwarded-For`` entry, the one that proxy added
+    (``gateway.guard.forwarded_address``; the peer's if that entry is not an address)."""
     if request.app[CONFIG]["server.trust-proxy"]:
-        forwarded = request.headers.get("X-Forwarded-For")
-        if forwarded:
-            return forwarded.rsplit(",", 1)[-1].strip()
+        values = request.headers.getall("X-Forwarded-For", [])
+        forwarded = forwarded_address(values) if values else None
+        if forwarded is not None:
+            return forwarded
     return request.remote
 
 
@@ -119,7 +121,7 @@ async def check_password(
     address = client_address(request)
     guard.spend(address)
     try:
-        async with guard.hashing():
+        async with guard.hashing(address):
             user = await asyncio.to_thread(registry.verify_password, username, password)
     except SignInsBusy:
         guard.refund(address)  # not checked (a check cancelled midway still hashes: spent)

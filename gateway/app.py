@@ -27,7 +27,7 @@ from .access import Action, authorize, identify
 from .audit import AuditLog
 from .config import Config
 from .errors import Conflict, GatewayError, InsufficientStorage, NotFound, Unauthorized
-from .guard import SignInGuard
+from .guard import SignInGuard, hashing_places
 from .keys import Scope
 from .observability import AUDIT, METRICS, Metrics, metrics_handler, observability_middleware
 from .openapi import openapi_document
@@ -318,7 +318,9 @@ def create_app(config: Config, backend: Backend | None = None) -> web.Applicatio
         cache_seconds=config["auth.cache-seconds"],
     )
     app[USAGE] = Usage(app[BACKEND])
-    app[GUARD] = SignInGuard(config["auth.sign-in-attempts"])
+    app[GUARD] = SignInGuard(
+        config["auth.sign-in-attempts"], hashing=hashing_places(config["server.workers"])
+    )
 
     app[STARTED] = asyncio.Event()
 

@@ -208,6 +208,28 @@ def _reserve_port(host: str, port: int) -> socket.socket:
     return sock
 
 
+METRICS_FOLDER: Final = "gateway-metrics-"  # + the parent's pid + "-" + a random part
+
+
+def _remove_orphaned_metrics() -> None:
+    """Remove the metrics folders of parents that are gone without removing theirs (killed
+    with SIGKILL): ``$TMPDIR/gateway-metrics-<pid>-*`` whose pid runs no process."""
+    root = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(root):
+            if not name.startswith(METRICS_FOLDER):
+                continue
+            pid = name[len(METRICS_FOLDER) :].split("-", 1)[0]
+            if not pid.isdigit():
+                continue
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            except OSError:
+                pass  # someone else's process: alive
+
+
 def _supervise(config: Any, count: int) -> int:
     """Run ``count`` worker processes on one port; return the exit status.
 
@@ -226,7 +248,8 @@ def _supervise(config: Any, count: int) -> int:
         ) from None
     port = reserved.getsockname()[1]
     # The workers' metric values, summed by whichever answers /metrics (observability).
-    metrics_folder = tempfile.mkdtemp(prefix="gateway-metrics-")
+    _remove_orphaned_metrics()
+    metrics_folder = tempfile.mkdtemp(prefix=f"{METRICS_FOLDER}{os.getpid()}-")
     children: dict[int, tuple[int, float]] = {}  # pid -> (worker number, start time)
     stopping = False
     status = 0

@@ -184,7 +184,8 @@ OPTIONS: Final = MappingProxyType(
                 "server.trust-proxy",
                 False,
                 _to_bool,
-                "Believe X-Forwarded-Proto/-Host from a reverse proxy (session cookie Secure).",
+                "Believe X-Forwarded-Proto/-Host/-For from a reverse proxy (session cookie "
+                "Secure; failed sign-ins counted per client).",
             ),
             Option(
                 "limits.max-object-size",

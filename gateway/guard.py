@@ -12,14 +12,18 @@ starve every tenant's requests of CPU. So:
   budget. An address whose budget is spent gets ``429`` with ``Retry-After`` for its next
   password check, unhashed, until the budget refills. IPv6 addresses count per ``/64`` (what
   one host is usually given).
-- at most ``HASHING`` checks hash at once (half the cores, at least one); up to ``QUEUED``
-  more wait their turn, and any beyond get ``503`` with ``Retry-After``. Whatever the flood,
-  the other cores keep serving.
+- at most half the cores hash at once, over all the workers of ``serve --workers N`` (at
+  least one check per worker: ``hashing_places``). An address's checks take turns, one at a
+  time; up to ``QUEUED`` addresses' turns wait for a place, and any beyond get ``503`` with
+  ``Retry-After``. Whatever the flood, the other cores keep serving. (Enough addresses
+  together can still keep the queue full: their checks, and other clients' unremembered
+  ones, then get ``503``; remembered passwords and tokens keep working.)
 
 A remembered success (the registry's cache of recently verified passwords) is not a check:
 it is answered without hashing and without the guard, so a signed-in client behind an address
-whose budget someone else spent keeps working. The budget is per process: with
-``--workers N`` an address gets up to N budgets.
+whose budget someone else spent keeps working (on a worker that remembers it: each process has
+its own memory). The budget is per process too: with ``--workers N`` an address gets up to N
+budgets.
 """
 
 from __future__ import annotations
@@ -37,9 +41,33 @@ from typing import Final
 from .errors import SignInsBusy, TooManyAttempts
 
 WINDOW: Final = 60.0  # seconds over which a spent budget refills
-HASHING: Final = max(1, (os.cpu_count() or 1) // 2)
 QUEUED: Final = 64
 MAX_ADDRESSES: Final = 100_000  # budgets remembered; an evicted one starts full again
+
+
+def hashing_places(workers: int) -> int:
+    """How many checks one of ``workers`` processes may hash at once: together, half the
+    cores this process may run on (at least one each)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // (2 * workers))
+
+
+def forwarded_address(values: list[str]) -> str | None:
+    """Given the ``X-Forwarded-For`` lines of a request, return the address the trusted
+    proxy added (the last entry of the last line: any before it are the client's to write),
+    without a port; None if that entry is not an IP address."""
+    entry = ",".join(values).rsplit(",", 1)[-1].strip()
+    if entry.startswith("["):  # [v6]:port
+        entry = entry[1:].split("]", 1)[0]
+    elif entry.count(":") == 1:  # v4:port
+        entry = entry.split(":", 1)[0]
+    try:
+        return str(ipaddress.ip_address(entry))
+    except ValueError:
+        return None
 
 
 def address_key(address: str | None) -> str:
@@ -65,7 +93,7 @@ class SignInGuard:
         self,
         attempts: int,
         *,
-        hashing: int = HASHING,
+        hashing: int = 1,
         queued: int = QUEUED,
         max_addresses: int = MAX_ADDRESSES,
         clock: Callable[[], float] = time.monotonic,
@@ -79,6 +107,8 @@ class SignInGuard:
         self._hashing = asyncio.Semaphore(hashing)
         self._queued = queued
         self._waiting = 0
+        # address key -> [its checks' turn, how many hold or wait for it]: while any do
+        self._turns: dict[str, tuple[asyncio.Lock, list[int]]] = {}
 
     def _left(self, key: str, now: float) -> float:
         found = self._budgets.get(key)
@@ -127,16 +157,30 @@ class SignInGuard:
             self._budgets.popitem(last=False)
 
     @asynccontextmanager
-    async def hashing(self) -> AsyncIterator[None]:
-        """Hold one of the ``HASHING`` places, waiting among at most ``QUEUED`` others."""
-        if self._hashing.locked() and self._waiting >= self._queued:
-            raise SignInsBusy("too many sign-ins are being checked at once; try again", 1)
-        self._waiting += 1
+    async def hashing(self, address: str | None) -> AsyncIterator[None]:
+        """Hold one of the hashing places. An address's checks take their turns one at a
+        time, and only the one whose turn it is waits for a place, among at most ``QUEUED``
+        others (beyond them: ``SignInsBusy``): one address cannot fill the queue."""
+        key = address_key(address)
+        turn = self._turns.get(key)
+        if turn is None:
+            turn = self._turns[key] = (asyncio.Lock(), [0])
+        lock, users = turn
+        users[0] += 1
         try:
-            await self._hashing.acquire()
+            async with lock:
+                if self._hashing.locked() and self._waiting >= self._queued:
+                    raise SignInsBusy("too many sign-ins are being checked at once; try again", 1)
+                self._waiting += 1
+                try:
+                    await self._hashing.acquire()
+                finally:
+                    self._waiting -= 1
+                try:
+                    yield
+                finally:
+                    self._hashing.release()
         finally:
-            self._waiting -= 1
-        try:
-            yield
-        finally:
-            self._hashing.release()
+            users[0] -= 1
+            if users[0] == 0:
+                del self._turns[key]

@@ -371,7 +371,8 @@ async def metrics_handler(request: web.Request) -> web.Response:
         if not identity.super_admin:
             raise Forbidden("metrics need a super admin")
     metrics = request.app[METRICS]
-    return web.Response(body=metrics.exposition(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    body = await asyncio.to_thread(metrics.exposition)  # with workers: reads their files
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
 # -- logging -----------------------------------------------------------------------------------

@@ -1291,14 +1291,12 @@ class Registry:
         if user is None:
             _burn_password_check(password)
             return None
-        slot = self._cache_slot(username, password)
-        now = time.monotonic()
-        with self._cache_lock:
-            hit = self._cache.get(slot)
-        if hit is not None and hit[1] > now and hmac.compare_digest(hit[0], user.password_hash):
+        if self.remembered(username, password) is user:
             return user
         if not check_password_hash(password, user.password_hash):
             return None
+        slot = self._cache_slot(username, password)
+        now = time.monotonic()
         with self._cache_lock:
             if len(self._cache) >= VERIFY_CACHE_SIZE:
                 for stale in [key for key, (_, expiry) in self._cache.items() if expiry <= now]:

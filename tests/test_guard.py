@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from aiohttp.test_utils import TestClient
 from gateway import config
 from gateway.app import create_app
 from gateway.errors import SignInsBusy, TooManyAttempts
-from gateway.guard import SignInGuard, address_key
+from gateway.guard import SignInGuard, address_key, forwarded_address, hashing_places
 from gateway.registry import Registry
 from gateway.sessions import COOKIE
 from gateway.state import GUARD, REGISTRY
@@ -140,30 +141,88 @@ def test_the_budgets_remembered_are_bounded_refilled_ones_go_first() -> None:
     assert len(guard._budgets) == 3  # none refilled: the oldest used go
 
 
-async def test_hashing_is_bounded_and_the_queue_too() -> None:
-    guard = SignInGuard(10, hashing=1, queued=1)
+def _holders(
+    guard: SignInGuard,
+) -> tuple[list[str], asyncio.Event, Callable[[str, str], Coroutine[Any, Any, None]]]:
+    """Checks that, once they hold a hashing place, note their name and keep the place until
+    the event is set."""
     order: list[str] = []
     release = asyncio.Event()
 
-    async def check(name: str) -> None:
-        async with guard.hashing():
+    async def check(name: str, address: str) -> None:
+        async with guard.hashing(address):
             order.append(name)
             await release.wait()
 
-    first = asyncio.create_task(check("first"))
+    return order, release, check
+
+
+async def test_hashing_is_bounded_and_the_queue_too() -> None:
+    guard = SignInGuard(10, hashing=1, queued=1)
+    order, release, check = _holders(guard)
+    first = asyncio.create_task(check("first", "192.0.2.1"))
     await asyncio.sleep(0)
-    second = asyncio.create_task(check("second"))
+    second = asyncio.create_task(check("second", "192.0.2.2"))
     await asyncio.sleep(0)
-    assert order == ["first"]  # the second waits its turn
+    assert order == ["first"]  # the second waits for the place
     with pytest.raises(SignInsBusy) as busy:
-        async with guard.hashing():
+        async with guard.hashing("192.0.2.3"):
             pass
     assert busy.value.status == 503 and busy.value.retry_after == 1
     release.set()
     await asyncio.gather(first, second)
     assert order == ["first", "second"]
-    async with guard.hashing():  # all places free again
+    async with guard.hashing("192.0.2.3"):  # all places free again
         pass
+    assert guard._turns == {}  # nothing kept for addresses with no check under way
+
+
+async def test_an_address_checks_one_at_a_time_outside_the_queue() -> None:
+    guard = SignInGuard(10, hashing=1, queued=1)
+    order, release, check = _holders(guard)
+    flood = [asyncio.create_task(check(f"a{n}", "203.0.113.7")) for n in range(5)]
+    await asyncio.sleep(0)
+    assert order == ["a0"]
+    # Four more of the same address wait their turns, not in the queue: another address
+    # still has its place there.
+    other = asyncio.create_task(check("b", "198.51.100.1"))
+    await asyncio.sleep(0)
+    assert not other.done()
+    with pytest.raises(SignInsBusy):  # a third address: the queue (of one) is taken by b
+        async with guard.hashing("198.51.100.2"):
+            pass
+    release.set()
+    await asyncio.gather(*flood, other)
+    assert order[:2] == ["a0", "b"]  # b was next in the queue; a1 waited for a0's turn
+    assert sorted(order) == ["a0", "a1", "a2", "a3", "a4", "b"]
+    assert guard._turns == {}
+
+
+def test_hashing_places_are_half_the_cores_over_all_workers() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert hashing_places(1) == max(1, cores // 2)
+    assert hashing_places(2) == max(1, cores // 4)
+    assert hashing_places(64) == 1  # at least one per worker
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        (["203.0.113.7"], "203.0.113.7"),
+        (["198.51.100.9, 203.0.113.7"], "203.0.113.7"),  # the client wrote the first
+        (["6.6.6.6", "203.0.113.7"], "203.0.113.7"),  # a line of the client's, then the proxy's
+        (["203.0.113.7:51234"], "203.0.113.7"),
+        (["[2001:db8::1]:443"], "2001:db8::1"),
+        (["2001:db8::1"], "2001:db8::1"),
+        (["203.0.113.7, unknown"], None),
+        (["x" * 8000], None),
+        ([""], None),
+    ],
+)
+def test_the_forwarded_address_is_the_proxys_entry_and_an_address(
+    lines: list[str], expected: str | None
+) -> None:
+    assert forwarded_address(lines) == expected
 
 
 # -- through the application -------------------------------------------------------------------
@@ -215,8 +274,15 @@ async def test_wrong_basic_passwords_spend_the_budget_then_429_without_hashing(
         assert body["error"] == "too_many_attempts"
         assert "auth.sign-in-attempts" in body["message"]
     assert len(checked) == 3
-    # Entries the client writes before the proxy's own are not believed.
+    # Entries the client writes before the proxy's own are not believed, nor a line of its own.
     response = await _list(client, "guess 4", f"198.51.100.9, {attacker}")
+    assert response.status == 429
+    two_lines = [
+        ("Authorization", _basic("alice", "guess 5")),
+        ("X-Forwarded-For", "198.51.100.9"),
+        ("X-Forwarded-For", attacker),
+    ]
+    response = await client.get("/api/v1/acme/list/", headers=two_lines)
     assert response.status == 429
     # Another address is not held back; its success is remembered ...
     response = await _list(client, ALICE_PASSWORD, "198.51.100.1")

@@ -7,7 +7,8 @@ Real processes over real sockets:
 - SIGTERM to the parent stops every worker; the parent exits 0.
 - A worker killed once it has run more than 5 s is replaced, and the gateway keeps serving.
 - ``/metrics``, whichever worker answers, counts the requests of every worker, and of a worker
-  that was killed and replaced: no total goes down.
+  that was killed and replaced: no total goes down. The folder of their values goes when the
+  gateway stops; one left by a parent killed with SIGKILL goes at the next start.
 - ``server.workers`` out of range or not a number is refused at start, naming the key.
 - A port already taken (by a socket without ``SO_REUSEPORT``, or by another ``serve --workers
   N``, whose sockets have it) is refused: "cannot listen on".
@@ -269,6 +270,33 @@ def test_metrics_count_every_worker_and_no_total_goes_down(gateway: GatewayProce
     assert {pid: set(counts) for pid, counts in seen.items()} == {
         w.pid: {uploads + 1} for w in replaced
     }
+
+
+def test_the_metrics_folder_goes_with_the_gateway_and_orphans_are_removed(
+    tmp_path: Path,
+) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    orphan = temp / f"gateway-metrics-{gone.pid}-abc"  # a parent killed with SIGKILL left it
+    orphan.mkdir()
+    (orphan / "counter_1.db").write_bytes(b"x")
+    alive = temp / f"gateway-metrics-{os.getpid()}-def"  # a running process's: kept
+    alive.mkdir()
+    settings = _config(tmp_path / "data")
+    with GatewayProcess(
+        settings, args=["--workers", str(WORKERS)], env={"TMPDIR": str(temp)}
+    ) as gateway:
+        assert gateway.process is not None
+        _workers(gateway)
+        assert not orphan.exists()
+        assert alive.exists()
+        mine = list(temp.glob(f"gateway-metrics-{gateway.process.pid}-*"))
+        assert len(mine) == 1 and mine[0].is_dir()
+        assert gateway.stop() == 0
+    assert not mine[0].exists()
+    assert alive.exists()
 
 
 def _serve(
