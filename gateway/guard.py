@@ -78,7 +78,7 @@ def address_key(address: str | None) -> str:
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
-        return address  # a Unix socket's peer, or whatever a proxy sent: kept as it is
+        return address  # not an IP address (a Unix socket's peer): kept as it is
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return str(ip.ipv4_mapped)
