@@ -9,10 +9,25 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/small-put-check-XXXX")
 GW_PID= RC_PID=
+# Each server is stopped with SIGTERM to its process group, then waited for (the gateway
+# drains for up to server.shutdown-timeout, 30 s) before its folder goes. One still running
+# after 40 s is reported with the end of its log, then killed: left running, it would share
+# the port with the next run's gateway (SO_REUSEPORT) and skew its figures.
+stop_group() {  # stop_group NAME PID LOG
+    [ -n "$2" ] || return 0
+    kill -TERM -- "-$2" 2>/dev/null || return 0
+    for _ in $(seq 400); do
+        pgrep -g "$2" >/dev/null || return 0
+        sleep 0.1
+    done
+    echo "small_put_check: $1 (process group $2) still running 40 s after SIGTERM:" >&2
+    ps -o pid,stat,args -g "$2" >&2 || true
+    tail -n 20 "$3" >&2 || true
+    kill -KILL -- "-$2" 2>/dev/null || true
+}
 cleanup() {
-    [ -n "$GW_PID" ] && kill -TERM -- "-$GW_PID" 2>/dev/null || true
-    [ -n "$RC_PID" ] && kill -TERM -- "-$RC_PID" 2>/dev/null || true
-    sleep 1
+    stop_group gateway "$GW_PID" "$WORK/gateway.log"
+    stop_group rclone "$RC_PID" "$WORK/rclone.log"
     rm -rf "$WORK"
 }
 trap cleanup EXIT
