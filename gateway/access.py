@@ -22,14 +22,7 @@ from typing import Final, Literal
 
 from aiohttp import web
 
-from .errors import (
-    CsrfRefused,
-    Forbidden,
-    SignInRequired,
-    SignInsBusy,
-    TenantNotFound,
-    Unauthorized,
-)
+from .errors import CsrfRefused, Forbidden, SignInRequired, TenantNotFound, Unauthorized
 from .guard import forwarded_address
 from .keys import Scope
 from .registry import Registry, Snapshot, User
@@ -117,17 +110,10 @@ async def check_password(
     user = registry.remembered(username, password)
     if user is not None:
         return user
-    guard = request.app[GUARD]
-    address = client_address(request)
-    guard.spend(address)
-    try:
-        async with guard.hashing(address):
-            user = await asyncio.to_thread(registry.verify_password, username, password)
-    except SignInsBusy:
-        guard.refund(address)  # not checked (a check cancelled midway still hashes: spent)
-        raise
-    if user is not None:
-        guard.refund(address)
+    async with request.app[GUARD].checking(client_address(request)) as succeeded:
+        user = await asyncio.to_thread(registry.verify_password, username, password)
+        if user is not None:
+            succeeded()
     return user
 
 

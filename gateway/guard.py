@@ -29,6 +29,7 @@ budgets.
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import math
 import os
@@ -155,6 +156,21 @@ class SignInGuard:
             del self._budgets[key]
         while len(self._budgets) > self._max_addresses:
             self._budgets.popitem(last=False)
+
+    @asynccontextmanager
+    async def checking(self, address: str | None) -> AsyncIterator[Callable[[], None]]:
+        """One password check from ``address`` under the guard: its place in the budget is
+        taken (``spend``), then a hashing place is held (``hashing``). The check calls the
+        function it is given when the password holds, and the budget gets its place back;
+        a check that never ran (``SignInsBusy``) gets it back too. A check cancelled midway
+        keeps it spent: its thread still hashes."""
+        self.spend(address)
+        try:
+            async with self.hashing(address):
+                yield functools.partial(self.refund, address)
+        except SignInsBusy:
+            self.refund(address)
+            raise
 
     @asynccontextmanager
     async def hashing(self, address: str | None) -> AsyncIterator[None]:

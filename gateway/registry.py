@@ -1281,7 +1281,9 @@ class Registry:
         Constant time in the password; an unknown username costs a full hash too. A success is
         remembered for ``VERIFY_CACHE_TTL`` seconds (keyed by an HMAC, never the plaintext, and
         only while the stored hash is unchanged): a cache miss costs ~50 ms of CPU, so on the
-        event loop prefer :meth:`verify_password_async`.
+        event loop prefer :meth:`verify_password_async`, and for a request
+        ``gateway.access.check_password``, which also keeps the hashing under the guard of
+        failed sign-ins (``gateway.guard``).
         """
         if not isinstance(username, str) or not isinstance(password, str):
             return None

@@ -198,6 +198,24 @@ async def test_an_address_checks_one_at_a_time_outside_the_queue() -> None:
     assert guard._turns == {}
 
 
+async def test_a_check_gives_its_place_back_on_success_or_when_it_never_ran() -> None:
+    guard = SignInGuard(2, hashing=1, queued=0, clock=Clock())
+    async with guard.checking("192.0.2.1") as succeeded:
+        succeeded()  # the password held
+        with pytest.raises(SignInsBusy):  # no place free, none may wait: never ran
+            async with guard.checking("192.0.2.2"):
+                pass
+    async with guard.checking("192.0.2.1"):
+        pass  # a failure: spent
+    guard.spend("192.0.2.1")  # .1: one place left, after its success and its failure
+    with pytest.raises(TooManyAttempts):
+        guard.spend("192.0.2.1")
+    guard.spend("192.0.2.2")  # .2: both places, its busy check gave its own back
+    guard.spend("192.0.2.2")
+    with pytest.raises(TooManyAttempts):
+        guard.spend("192.0.2.2")
+
+
 def test_hashing_places_are_half_the_cores_over_all_workers() -> None:
     cores = len(os.sched_getaffinity(0))
     assert hashing_places(1) == max(1, cores // 2)
