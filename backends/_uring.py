@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import logging
 import mmap
 import os
 import platform
@@ -69,6 +70,11 @@ _CQE: Final = struct.Struct("<QiI")  # struct io_uring_cqe, 16 bytes
 _U32: Final = struct.Struct("<I")
 
 ENTRIES: Final = 256  # submission queue; the completion queue has four times as many
+# How often a ring with chains in flight looks for completions held back in the kernel's
+# overflow list, which no eventfd wake-up reports (``Ring.overflowing``).
+WATCH_SECONDS: Final = 0.1
+
+log = logging.getLogger(__name__)
 
 
 class Op(NamedTuple):
@@ -175,6 +181,8 @@ class Ring:
         self._efd = -1
         self._chains: dict[int, tuple[_Chain, int]] = {}
         self._next = 1
+        self._watch: asyncio.TimerHandle | None = None
+        self.overflows = 0  # times completions were found held back (``overflowing``)
         try:
             self._map(_PARAMS.unpack_from(params))
             self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -274,35 +282,73 @@ class Ring:
                 chain.future.set_result(chain.results)
             self._broken()
         self._sq_tail = new_tail
+        if self._watch is None:
+            self._watch = self._loop.call_later(WATCH_SECONDS, self._look)
+        if self.overflowing():
+            self._loop.call_soon(self._reap)
         return chain.future
 
     def _broken(self) -> None:
         self._sq_entries = 0  # usable() is False from now on; completions still arrive
 
+    def overflowing(self) -> bool:
+        """Whether the kernel holds completions back in its overflow list. They go there when
+        the completion queue is full, and also, seen once under load on Linux 6.18, when it
+        was all but empty (never full here: ``usable``); from the first one on, every
+        completion goes there, none lands in the queue, and the eventfd, which counts only
+        what lands there, stays silent. Only an ``io_uring_enter`` with ``GETEVENTS`` moves
+        them into the queue: ``_reap`` makes it, run at once when a submission finds this, and
+        by a watch every ``WATCH_SECONDS`` while chains are in flight (a completion may be held
+        back while the loop waits for nothing else; the watch reaps whatever the queue holds)."""
+        return self._fd >= 0 and bool(
+            _U32.unpack_from(self._rings, self._sq_flags_at)[0] & _SQ_CQ_OVERFLOW
+        )
+
+    def _look(self) -> None:
+        self._watch = None
+        if self._fd < 0:
+            return
+        self._reap()  # also whatever an eventfd wake-up would have reported
+        if self._chains:
+            self._watch = self._loop.call_later(WATCH_SECONDS, self._look)
+
     def _reap(self) -> None:
+        if self._fd < 0:
+            return
         with contextlib.suppress(BlockingIOError):
             os.read(self._efd, 8)
         rings = self._rings
-        if _U32.unpack_from(rings, self._sq_flags_at)[0] & _SQ_CQ_OVERFLOW:
-            _syscall(_SYS_ENTER, self._fd, 0, 0, _ENTER_GETEVENTS, 0, 0)
-        head = self._cq_head
-        tail = _U32.unpack_from(rings, self._cq_tail_at)[0]
         chains = self._chains
-        while head != tail:
-            user_data, result, _flags = _CQE.unpack_from(
-                rings, self._cqes_at + (head & self._cq_mask) * _CQE.size
-            )
-            head = (head + 1) & 0xFFFFFFFF
-            entry = chains.pop(user_data, None)
-            if entry is None:
-                continue
-            chain, index = entry
-            chain.results[index] = result
-            chain.left -= 1
-            if chain.left == 0 and not chain.future.done():
-                chain.future.set_result(chain.results)
-        self._cq_head = head
-        _U32.pack_into(rings, self._cq_head_at, head)
+        head = self._cq_head
+        while True:
+            tail = _U32.unpack_from(rings, self._cq_tail_at)[0]
+            while head != tail:
+                user_data, result, _flags = _CQE.unpack_from(
+                    rings, self._cqes_at + (head & self._cq_mask) * _CQE.size
+                )
+                head = (head + 1) & 0xFFFFFFFF
+                entry = chains.pop(user_data, None)
+                if entry is None:
+                    continue
+                chain, index = entry
+                chain.results[index] = result
+                chain.left -= 1
+                if chain.left == 0 and not chain.future.done():
+                    chain.future.set_result(chain.results)
+            self._cq_head = head
+            _U32.pack_into(rings, self._cq_head_at, head)
+            if not self.overflowing():
+                return
+            # The queue is empty now: the kernel moves what it held back into it.
+            if not self.overflows:
+                log.warning("io_uring held completions back (overflow); they are taken now")
+            self.overflows += 1
+            try:
+                _syscall(_SYS_ENTER, self._fd, 0, 0, _ENTER_GETEVENTS, 0, 0)
+            except OSError:  # e.g. interrupted: the watch comes back to it
+                return
+            if _U32.unpack_from(rings, self._cq_tail_at)[0] == head:
+                return  # nothing moved (the watch looks again)
 
     async def close(self) -> None:
         """Wait for the chains in flight (the kernel may still read their buffers), then
@@ -324,6 +370,9 @@ class Ring:
                 os.close(self._fd)
 
     def _release(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
         if self._efd >= 0:
             self._loop.remove_reader(self._efd)
             os.close(self._efd)
