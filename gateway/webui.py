@@ -83,11 +83,14 @@ async def to_page(request: web.Request) -> web.Response:
 
 
 def _forwarded(request: web.Request, name: str) -> str | None:
-    """The first value of an ``X-Forwarded-*`` header, if the configuration trusts a proxy."""
+    """The value of an ``X-Forwarded-*`` header that the trusted proxy set or added (the last
+    entry of the last line, as for ``X-Forwarded-For`` in ``access.client_address``: any
+    before it are the client's to write), if the configuration trusts a proxy."""
     if not request.app[CONFIG]["server.trust-proxy"]:
         return None
-    value = request.headers.get(name)
-    return None if value is None else value.split(",")[0].strip()
+    values = request.headers.getall(name, [])
+    entry = ",".join(values).rsplit(",", 1)[-1].strip()
+    return entry or None
 
 
 def _over_tls(request: web.Request) -> bool:

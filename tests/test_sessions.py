@@ -91,6 +91,17 @@ async def test_cookie_is_httponly_strict_and_secure_only_behind_a_trusted_tls_pr
     form = {"username": "alice", "password": ALICE_PASSWORD}
     refused = await plain.post("/api/v1/session", data=form, headers=forwarded)
     assert refused.status == 403
+    # What counts is the entry the proxy set or added, the last: any before it came from the
+    # client (as for X-Forwarded-For).
+    _, header, _ = await _sign_in(proxied, **{"X-Forwarded-Proto": "https, http"})
+    assert "Secure" not in header
+    _, header, _ = await _sign_in(proxied, **{"X-Forwarded-Proto": "http, https"})
+    assert "Secure" in header
+    spoofed = {"X-Forwarded-Host": "evil.example, gw.example", "Origin": "https://evil.example"}
+    refused = await proxied.post("/api/v1/session", data=form, headers=spoofed)
+    assert refused.status == 403
+    _, header, _ = await _sign_in(proxied, **{**spoofed, "Origin": "https://gw.example"})
+    assert "HttpOnly" in header
 
 
 async def test_a_change_with_the_cookie_needs_the_csrf_token_basic_auth_does_not(
