@@ -31,6 +31,7 @@ import errno
 import fcntl
 import functools
 import json
+import logging
 import operator
 import os
 import secrets
@@ -96,7 +97,17 @@ TMP_DIR: Final = f"{SYSTEM_PREFIX}/tmp"
 """Key of the directory of temporary files; no operation and no listing reaches into it."""
 
 LOCK_NAME: Final = "lock"
-"""In each process's temporary folder: the file it holds an ``flock`` on while it runs."""
+"""In each process's temporary folder: the file it holds an ``flock`` on while it runs. It
+holds the machine's boot id (``_boot_id``), which ``start`` compares when the folder is left
+over."""
+
+RESTARTED_SUFFIX: Final = ".restarted"
+"""A left-over temporary folder of a process that ran before the machine restarted is kept,
+renamed so, rather than removed (``LocalBackend._remove_leftovers``)."""
+
+_BOOT_ID_FILE: Final = "/proc/sys/kernel/random/boot_id"
+
+log = logging.getLogger(__name__)
 
 XATTR: Final = "user.gateway"
 """The extended attribute that holds an object's content type and user metadata."""
@@ -143,6 +154,32 @@ def _split(key: str) -> list[str]:
     if key == TMP_DIR or key.startswith(f"{TMP_DIR}/"):
         raise PermissionError(errno.EACCES, "reserved for the local backend", key)
     return segments
+
+
+def _boot_id() -> str:
+    """This boot of the machine (Linux), or "" where it cannot be told."""
+    try:
+        with open(_BOOT_ID_FILE, encoding="ascii") as file:
+            return file.read().strip()
+    except (OSError, ValueError):
+        return ""
+
+
+def _left_this_boot(folder: int, boot: str) -> bool:
+    """Given the temporary folder of a process that is gone, say whether that process ran
+    during this boot (its lock file names it). True where boots cannot be told apart, or the
+    folder never got its lock file (it holds nothing else then); False for an older boot's,
+    or an unreadable one's (the boot id may not have reached the disk)."""
+    if not boot:
+        return True
+    try:
+        lock = os.open(LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+    except FileNotFoundError:
+        return True
+    try:
+        return os.read(lock, 128).decode("ascii", "replace").strip() == boot
+    finally:
+        os.close(lock)
 
 
 def _held_by_a_live_process(folder: int) -> bool:
@@ -1453,22 +1490,46 @@ class LocalBackend(Backend):
             os.close(tmp)
 
     def _remove_leftovers(self, tmp: int) -> None:
-        """Remove what processes that died were writing: every folder whose lock is free."""
+        """Remove what processes that died during this boot were writing: every folder whose
+        lock is free. A folder of a process that ran before the machine restarted is kept
+        instead (renamed ``*.restarted``). A write installs its file at the key by a rename or
+        an exchange, which changes this folder too, and only the key's directory is flushed:
+        after a power loss, a name here may still name the object at the key, and without
+        ``fsck`` its link count can be one. Removing that name would free the object's blocks
+        while the key still names them, for another object to get."""
         with os.scandir(tmp) as entries:
             leftovers = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
+        boot = _boot_id()
+        kept = 0
         for name, is_dir in leftovers:
             if not is_dir:
                 os.unlink(name, dir_fd=tmp)
+                continue
+            if name.endswith(RESTARTED_SUFFIX):
+                kept += 1
                 continue
             child = _open_child_dir(tmp, name, TMP_DIR)
             try:
                 if _held_by_a_live_process(child):
                     continue
-                _remove_tree(child, f"{TMP_DIR}/{name}/")
+                restarted = not _left_this_boot(child, boot)
+                if not restarted:
+                    _remove_tree(child, f"{TMP_DIR}/{name}/")
             finally:
                 os.close(child)
+            if restarted:
+                os.rename(name, name + RESTARTED_SUFFIX, src_dir_fd=tmp, dst_dir_fd=tmp)
+                kept += 1
+                continue
             with contextlib.suppress(FileNotFoundError, OSError):
                 os.rmdir(name, dir_fd=tmp)
+        if kept:
+            log.warning(
+                "%d temporary folder(s) of processes that ran before the machine restarted "
+                "are kept in %s (*%s): after a power loss, names in them may still name "
+                "stored objects. Remove them once fsck has checked the file system.",
+                kept, TMP_DIR, RESTARTED_SUFFIX,
+            )  # fmt: skip
 
     def _claim_tmp(self, tmp: int) -> int:
         """Make this instance's temporary folder, lock it, and return a descriptor of it.
@@ -1482,6 +1543,7 @@ class LocalBackend(Backend):
         folder = _open_child_dir(tmp, building, TMP_DIR)
         lock = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=folder)
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(lock, _boot_id().encode("ascii", "replace"))  # for _left_this_boot
         os.rename(building, name, src_dir_fd=tmp, dst_dir_fd=tmp)
         self._tmp_lock = lock
         self._tmp_segments = [*TMP_DIR.split("/"), name]
