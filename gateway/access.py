@@ -111,10 +111,30 @@ async def check_password(
     if user is not None:
         return user
     async with request.app[GUARD].checking(client_address(request)) as succeeded:
-        user = await asyncio.to_thread(registry.verify_password, username, password)
+        user = await _to_the_end(
+            asyncio.ensure_future(asyncio.to_thread(registry.verify_password, username, password))
+        )
         if user is not None:
             succeeded()
     return user
+
+
+async def _to_the_end(hashing: asyncio.Future[User | None]) -> User | None:
+    """Await a password check's thread; if this task is cancelled meanwhile, still wait for
+    the thread to end (it cannot be stopped), then let the cancellation through: its hashing
+    place is held until then, so a cancelled check never lets another hash beside it."""
+    cancelled = False
+    while True:
+        try:
+            user = await asyncio.shield(hashing)
+        except asyncio.CancelledError:
+            if hashing.done():
+                raise
+            cancelled = True  # the thread hashes on: wait for it (a second or so at most)
+            continue
+        if cancelled:
+            raise asyncio.CancelledError
+        return user
 
 
 async def identify_session(request: web.Request, registry: Registry) -> Identity:

@@ -163,7 +163,8 @@ class SignInGuard:
         taken (``spend``), then a hashing place is held (``hashing``). The check calls the
         function it is given when the password holds, and the budget gets its place back;
         a check that never ran (``SignInsBusy``) gets it back too. A check cancelled midway
-        keeps it spent: its thread still hashes."""
+        keeps it spent: its thread still hashes (and ``access.check_password`` holds the
+        hashing place until that thread ends)."""
         self.spend(address)
         try:
             async with self.hashing(address):

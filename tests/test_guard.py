@@ -23,9 +23,10 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, make_mocked_request
 
 from gateway import config
+from gateway.access import check_password
 from gateway.app import create_app
 from gateway.errors import SignInsBusy, TooManyAttempts
 from gateway.guard import SignInGuard, address_key, forwarded_address, hashing_places
@@ -310,6 +311,43 @@ async def test_wrong_basic_passwords_spend_the_budget_then_429_without_hashing(
     response = await _list(client, ALICE_PASSWORD, attacker)
     assert response.status == 200
     assert len(checked) == 4
+
+
+async def test_a_cancelled_check_holds_its_hashing_place_until_its_thread_ends(
+    aiohttp_client: MakeClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await _client(aiohttp_client, tmp_path)
+    app, registry = client.app, client.app[REGISTRY]
+    monkeypatch.setattr(app[GUARD], "_hashing", asyncio.Semaphore(1))  # one place
+    release = threading.Event()
+    hashed: list[str] = []
+
+    def slow(username: str, password: str) -> None:
+        hashed.append(username)
+        release.wait(10)
+
+    monkeypatch.setattr(registry, "verify_password", slow)
+
+    def request(address: str) -> web.Request:
+        return make_mocked_request("GET", "/", headers={"X-Forwarded-For": address}, app=app)
+
+    first = asyncio.create_task(check_password(request("203.0.113.20"), registry, "alice", "a"))
+    for _ in range(200):
+        if hashed:
+            break
+        await asyncio.sleep(0.01)
+    assert hashed == ["alice"]
+    first.cancel()
+    await asyncio.sleep(0.05)
+    assert not first.done()  # it waits for its thread, which cannot be stopped
+    second = asyncio.create_task(check_password(request("203.0.113.21"), registry, "bob", "b"))
+    await asyncio.sleep(0.2)
+    assert hashed == ["alice"]  # the place is still the first check's
+    release.set()
+    assert await asyncio.wait_for(second, 10) is None
+    assert hashed == ["alice", "bob"]
+    with pytest.raises(asyncio.CancelledError):
+        await first
 
 
 async def test_the_sign_in_form_spends_the_same_budget(
