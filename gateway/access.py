@@ -124,17 +124,16 @@ async def _to_the_end(hashing: asyncio.Future[User | None]) -> User | None:
     the thread to end (it cannot be stopped), then let the cancellation through: its hashing
     place is held until then, so a cancelled check never lets another hash beside it."""
     cancelled = False
-    while True:
+    while not hashing.done():
         try:
-            user = await asyncio.shield(hashing)
+            await asyncio.wait({hashing})  # (cancelled, it leaves the thread's future alone)
         except asyncio.CancelledError:
-            if hashing.done():
-                raise
             cancelled = True  # the thread hashes on: wait for it (a second or so at most)
-            continue
-        if cancelled:
-            raise asyncio.CancelledError
-        return user
+    if cancelled:
+        if not hashing.cancelled():
+            hashing.exception()  # seen, whatever it was: the cancellation is what goes on
+        raise asyncio.CancelledError
+    return hashing.result()
 
 
 async def identify_session(request: web.Request, registry: Registry) -> Identity:
