@@ -1474,8 +1474,9 @@ class LocalBackend(Backend):
         tmp = self._open_dir(TMP_DIR.split("/"), TMP_DIR, create=True)
         try:
             kind = _file_system_type(tmp)
-            self._remove_leftovers(tmp)
-            own = self._claim_tmp(tmp)
+            boot = _boot_id()
+            self._remove_leftovers(tmp, boot)
+            own = self._claim_tmp(tmp, boot)
             try:
                 self._probe_xattr(own)
                 self._set_read_mode(own, kind)
@@ -1489,17 +1490,17 @@ class LocalBackend(Backend):
         finally:
             os.close(tmp)
 
-    def _remove_leftovers(self, tmp: int) -> None:
+    def _remove_leftovers(self, tmp: int, boot: str) -> None:
         """Remove what processes that died during this boot were writing: every folder whose
         lock is free. A folder of a process that ran before the machine restarted is kept
         instead (renamed ``*.restarted``). A write installs its file at the key by a rename or
         an exchange, which changes this folder too, and only the key's directory is flushed:
         after a power loss, a name here may still name the object at the key, and without
         ``fsck`` its link count can be one. Removing that name would free the object's blocks
-        while the key still names them, for another object to get."""
+        while the key still names them, for another object to get. ``boot``: this boot's id
+        (``_boot_id``)."""
         with os.scandir(tmp) as entries:
             leftovers = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
-        boot = _boot_id()
         kept = 0
         for name, is_dir in leftovers:
             if not is_dir:
@@ -1531,7 +1532,7 @@ class LocalBackend(Backend):
                 kept, TMP_DIR, RESTARTED_SUFFIX,
             )  # fmt: skip
 
-    def _claim_tmp(self, tmp: int) -> int:
+    def _claim_tmp(self, tmp: int, boot: str) -> int:
         """Make this instance's temporary folder, lock it, and return a descriptor of it.
 
         The folder gets its final name only once locked, so another process's ``start``
@@ -1543,7 +1544,7 @@ class LocalBackend(Backend):
         folder = _open_child_dir(tmp, building, TMP_DIR)
         lock = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=folder)
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.write(lock, _boot_id().encode("ascii", "replace"))  # for _left_this_boot
+        os.write(lock, boot.encode("ascii", "replace"))  # for _left_this_boot
         os.rename(building, name, src_dir_fd=tmp, dst_dir_fd=tmp)
         self._tmp_lock = lock
         self._tmp_segments = [*TMP_DIR.split("/"), name]

@@ -23,7 +23,7 @@ from typing import Final, Literal
 from aiohttp import web
 
 from .errors import CsrfRefused, Forbidden, SignInRequired, TenantNotFound, Unauthorized
-from .guard import forwarded_address
+from .guard import forwarded_address, last_entry
 from .keys import Scope
 from .registry import Registry, Snapshot, User
 from .sessions import COOKIE, CSRF_HEADER, SAFE_METHODS, SESSIONS
@@ -88,16 +88,22 @@ async def identify(request: web.Request, registry: Registry) -> Identity:
     raise Unauthorized("unsupported authentication scheme: use Basic or Bearer")
 
 
+def forwarded(request: web.Request, name: str) -> str | None:
+    """The entry of the ``X-Forwarded-*`` header ``name`` that the trusted proxy set or added
+    (``gateway.guard.last_entry``), if the configuration trusts a proxy
+    (``server.trust-proxy``); else, or if there is none, None."""
+    if not request.app[CONFIG]["server.trust-proxy"]:
+        return None
+    return last_entry(request.headers.getall(name, [])) or None
+
+
 def client_address(request: web.Request) -> str | None:
-    """The address a request came from: the peer's, or, behind a trusted proxy
-    (``server.trust-proxy``), the last ``X-Forwarded-For`` entry, the one that proxy added
-    (``gateway.guard.forwarded_address``; the peer's if that entry is not an address)."""
-    if request.app[CONFIG]["server.trust-proxy"]:
-        values = request.headers.getall("X-Forwarded-For", [])
-        forwarded = forwarded_address(values) if values else None
-        if forwarded is not None:
-            return forwarded
-    return request.remote
+    """The address a request came from: the peer's, or, behind a trusted proxy, the
+    ``X-Forwarded-For`` entry that proxy added (``forwarded``; the peer's if that entry is
+    not an address)."""
+    entry = forwarded(request, "X-Forwarded-For")
+    address = forwarded_address([entry]) if entry is not None else None
+    return address if address is not None else request.remote
 
 
 async def check_password(

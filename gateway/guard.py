@@ -56,11 +56,16 @@ def hashing_places(workers: int) -> int:
     return max(1, cores // (2 * workers))
 
 
+def last_entry(values: list[str]) -> str:
+    """Given the lines of an ``X-Forwarded-*`` header, return the entry the trusted proxy set
+    or added: the last entry of the last line (any before it are the client's to write)."""
+    return ",".join(values).rsplit(",", 1)[-1].strip()
+
+
 def forwarded_address(values: list[str]) -> str | None:
     """Given the ``X-Forwarded-For`` lines of a request, return the address the trusted
-    proxy added (the last entry of the last line: any before it are the client's to write),
-    without a port; None if that entry is not an IP address."""
-    entry = ",".join(values).rsplit(",", 1)[-1].strip()
+    proxy added (``last_entry``), without a port; None if that entry is not an IP address."""
+    entry = last_entry(values)
     if entry.startswith("["):  # [v6]:port
         entry = entry[1:].split("]", 1)[0]
     elif entry.count(":") == 1:  # v4:port

@@ -20,7 +20,7 @@ from typing import Final
 
 from aiohttp import web
 
-from .access import ANONYMOUS, Identity, check_password, identify, identify_session
+from .access import ANONYMOUS, Identity, check_password, forwarded, identify, identify_session
 from .errors import BadRequest, Forbidden, NotFound, SignInRequired
 from .observability import note_identity
 from .sessions import COOKIE, SESSIONS
@@ -82,19 +82,8 @@ async def to_page(request: web.Request) -> web.Response:
 # -- sessions ----------------------------------------------------------------------------------
 
 
-def _forwarded(request: web.Request, name: str) -> str | None:
-    """The value of an ``X-Forwarded-*`` header that the trusted proxy set or added (the last
-    entry of the last line, as for ``X-Forwarded-For`` in ``access.client_address``: any
-    before it are the client's to write), if the configuration trusts a proxy."""
-    if not request.app[CONFIG]["server.trust-proxy"]:
-        return None
-    values = request.headers.getall(name, [])
-    entry = ",".join(values).rsplit(",", 1)[-1].strip()
-    return entry or None
-
-
 def _over_tls(request: web.Request) -> bool:
-    return request.secure or (_forwarded(request, "X-Forwarded-Proto") or "").lower() == "https"
+    return request.secure or (forwarded(request, "X-Forwarded-Proto") or "").lower() == "https"
 
 
 def _check_same_origin(request: web.Request) -> None:
@@ -104,7 +93,7 @@ def _check_same_origin(request: web.Request) -> None:
         return  # not sent by a browser's cross-site form or script
     # An origin is scheme://host[:port], the port left out when it is the scheme's default,
     # as in the Host header the same browser sends.
-    hosts = {request.host, _forwarded(request, "X-Forwarded-Host") or request.host}
+    hosts = {request.host, forwarded(request, "X-Forwarded-Host") or request.host}
     scheme, separator, authority = origin.partition("://")
     known = {host.lower() for host in hosts if host}
     if not separator or scheme.lower() not in ("http", "https") or authority.lower() not in known:
