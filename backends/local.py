@@ -54,7 +54,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Final, TypeVar, cast
 
-from . import _uring
+from . import _journal, _uring
 from ._metadata import normalise_metadata
 from .base import (
     DIRECTORY,
@@ -741,14 +741,16 @@ class _TempFile:
                 os.setxattr(self._fd, XATTR, xattr)
             os.fsync(self._fd)
 
-    def ring_seal(self, data: list[bytes], xattr: bytes | None) -> list[_uring.Op] | None:
+    def ring_seal(
+        self, data: list[bytes], xattr: bytes | None, sync: bool = True
+    ) -> list[_uring.Op] | None:
         """``append(data)`` and ``seal(xattr)`` of a small body as io_uring operations, for
         ``sealed_by_ring`` to check; None where only ``seal`` can do it. Over a spare, that
         is an empty body, or an earlier object modified less than ``_MTIME_MARGIN_NS`` ago
         (or later: a clock set back): the write sets the modification time from the
         kernel's clock, a little coarse, and it must come out later than the earlier
         object's, or the ETag could come back. The descriptor stays open until the chain
-        has run."""
+        has run. Without ``sync``, no ``fsync``: the journal makes the body durable."""
         stale = self._stale
         body = b"".join(data)
         if stale is not None and (
@@ -764,8 +766,9 @@ class _TempFile:
             # content type and no metadata reads back as none.
             value = _NO_TYPE_XATTR if xattr is None else xattr
             ops.append(_uring.fsetxattr(self._fd, _XATTR_NAME, value))
-        ops.append(_uring.fsync(self._fd))
-        return ops
+        if sync:
+            ops.append(_uring.fsync(self._fd))
+        return ops or None  # an empty chain would never complete
 
     def sealed_by_ring(self, ops: list[_uring.Op], results: list[int]) -> bool:
         """Whether the operations of ``ring_seal`` all succeeded (the file then holds the
@@ -1368,9 +1371,12 @@ class LocalBackend(Backend):
     empty_directories = True
     atomic_moves = True
 
-    def __init__(self, base_path: str | os.PathLike[str], *, io_uring: bool = True) -> None:
+    def __init__(
+        self, base_path: str | os.PathLike[str], *, io_uring: bool = True, journal: bool = True
+    ) -> None:
         self.base_path = os.fspath(base_path)
         self.io_uring = io_uring  # small writes over spares by io_uring, where it works
+        self.journal = journal  # small writes made durable by the journal, where the ring is
         self._tmp_segments = TMP_DIR.split("/")
         self._reads_on_loop = False  # set by start(): True on a local disk file system
         self._nowait = True  # set by start(): False where files live in memory
@@ -1380,6 +1386,7 @@ class LocalBackend(Backend):
         self._ring: _uring.Ring | None = None  # set by start() where spares are on
         self._own_tmp: int | None = None  # set by start(): this instance's temporary folder
         self._dir_syncs = _DirectorySyncs()
+        self._journal: _journal.Journal | None = None  # set by start() where it serves
 
     # Every method below named ``_x`` runs in a worker thread and closes what it opens.
 
@@ -1461,6 +1468,9 @@ class LocalBackend(Backend):
         await asyncio.to_thread(self._start)
         if self.io_uring and self._spares is not None and self._ring is None:
             self._ring = _uring.open_ring()  # small writes over spares: no worker threads
+        if self.journal and self._ring is not None and self._journal is None and _boot_id():
+            assert self._own_tmp is not None
+            self._journal = _journal.Journal(self._own_tmp, self._ring)
 
     def _start(self) -> None:
         try:
@@ -1473,9 +1483,10 @@ class LocalBackend(Backend):
             self._base = self._open_base()  # lookups below it: one openat2 each
         tmp = self._open_dir(TMP_DIR.split("/"), TMP_DIR, create=True)
         try:
+            # One start at a time over a store: the first replays what a crash left.
+            fcntl.flock(tmp, fcntl.LOCK_EX)
             kind = _file_system_type(tmp)
             boot = _boot_id()
-            self._remove_leftovers(tmp, boot)
             own = self._claim_tmp(tmp, boot)
             try:
                 self._probe_xattr(own)
@@ -1487,21 +1498,31 @@ class LocalBackend(Backend):
             if self._own_tmp is not None:  # started again after a close
                 os.close(self._own_tmp)
             self._own_tmp = own  # kept: each write's temporary file is made through a dup
+            try:
+                self._remove_leftovers(tmp, boot)
+            except BaseException:
+                self._close()
+                raise
         finally:
             os.close(tmp)
 
     def _remove_leftovers(self, tmp: int, boot: str) -> None:
         """Remove what processes that died during this boot were writing: every folder whose
-        lock is free. A folder of a process that ran before the machine restarted is kept
-        instead (renamed ``*.restarted``). A write installs its file at the key by a rename or
-        an exchange, which changes this folder too, and only the key's directory is flushed:
-        after a power loss, a name here may still name the object at the key, and without
-        ``fsck`` its link count can be one. Removing that name would free the object's blocks
-        while the key still names them, for another object to get. ``boot``: this boot's id
-        (``_boot_id``)."""
+        lock is free (their files are in the kernel's cache: a ``syncfs`` first makes what
+        their journals recorded durable). The folders of processes that ran before the
+        machine restarted: their journals are replayed (``_replay``), then the folders are
+        kept (renamed ``*.restarted``) rather than removed. A write installs its file at the
+        key by a rename or an exchange, which changes this folder too, and only the key's
+        directory is flushed: after a power loss, a name here may still name the object at
+        the key, and without ``fsck`` its link count can be one. Removing that name would
+        free the object's blocks while the key still names them, for another object to get.
+        ``boot``: this boot's id (``_boot_id``)."""
         with os.scandir(tmp) as entries:
             leftovers = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
         kept = 0
+        gone: list[str] = []  # of processes that died during this boot
+        restarted: list[str] = []  # of processes that ran before the machine restarted
+        journals = False
         for name, is_dir in leftovers:
             if not is_dir:
                 os.unlink(name, dir_fd=tmp)
@@ -1513,17 +1534,28 @@ class LocalBackend(Backend):
             try:
                 if _held_by_a_live_process(child):
                     continue
-                restarted = not _left_this_boot(child, boot)
-                if not restarted:
-                    _remove_tree(child, f"{TMP_DIR}/{name}/")
+                if _left_this_boot(child, boot):
+                    gone.append(name)
+                    journals = journals or bool(_journal.segment_names(child))
+                else:
+                    restarted.append(name)
             finally:
                 os.close(child)
-            if restarted:
-                os.rename(name, name + RESTARTED_SUFFIX, src_dir_fd=tmp, dst_dir_fd=tmp)
-                kept += 1
-                continue
+        if restarted:
+            self._replay(tmp, restarted)
+        if journals:
+            _journal.syncfs(tmp)  # what their journals recorded is durable: they can go
+        for name in gone:
+            child = _open_child_dir(tmp, name, TMP_DIR)
+            try:
+                _remove_tree(child, f"{TMP_DIR}/{name}/")
+            finally:
+                os.close(child)
             with contextlib.suppress(FileNotFoundError, OSError):
                 os.rmdir(name, dir_fd=tmp)
+        for name in restarted:
+            os.rename(name, name + RESTARTED_SUFFIX, src_dir_fd=tmp, dst_dir_fd=tmp)
+            kept += 1
         if kept:
             log.warning(
                 "%d temporary folder(s) of processes that ran before the machine restarted "
@@ -1531,6 +1563,84 @@ class LocalBackend(Backend):
                 "stored objects. Remove them once fsck has checked the file system.",
                 kept, TMP_DIR, RESTARTED_SUFFIX,
             )  # fmt: skip
+
+    def _replay(self, tmp: int, names: list[str]) -> None:
+        """Replay the journals in the temporary folders ``names`` of processes that ran
+        before the machine restarted (see ``_journal``), make that durable, then remove
+        those journals (a later crash must not replay them over newer changes)."""
+        folders = [_open_child_dir(tmp, name, TMP_DIR) for name in names]
+        try:
+            records = [r for folder in folders for r in _journal.read_folder(folder)]
+            if records:
+                steps = _journal.plan(records)
+                written = sum(self._replay_one(record, marker) for record, marker in steps)
+                _journal.syncfs(tmp)
+                log.warning(
+                    "replayed the journals of %d process(es) that ran before the machine "
+                    "restarted: %d key(s) recorded, %d rewritten",
+                    len(names), len(steps), written,
+                )  # fmt: skip
+            for folder in folders:
+                for segment in _journal.segment_names(folder):
+                    os.unlink(segment, dir_fd=folder)
+                os.fsync(folder)
+        finally:
+            for folder in folders:
+                os.close(folder)
+
+    def _replay_one(self, record: _journal.Record, marker: _journal.Record | None) -> bool:
+        """Make the key of ``record`` (a journal's last content record for it) hold that
+        content, unless ``marker`` (a later change there, made durable) left what is there
+        now (``_journal.plan``); say whether the file was written."""
+        key = record.key
+        try:
+            segments = _split(key)
+            st = self._lstat(segments, key)
+        except (ValueError, OSError) as exc:
+            log.warning("journal replay: %s is not writable (%s); skipped", key, exc)
+            return False
+        if marker is not None:
+            if st is not None and st.st_ino == marker.inode:
+                return False  # the later change's file is there
+            if st is None or not stat.S_ISREG(st.st_mode) or st.st_ino != record.inode:
+                return False  # gone, or replaced, by the later change
+        if (
+            st is not None
+            and stat.S_ISREG(st.st_mode)
+            and st.st_size == len(record.body)
+            and self._holds(key, record)
+        ):
+            return False
+        temp = _open_temp(self._open_own_tmp())
+        try:
+            self._end_write(temp, [record.body], record.xattr, segments, key, False)
+        except (IsADirectoryError, NotADirectoryError, PermissionError) as exc:
+            temp.discard()
+            log.warning("journal replay: %s is not writable (%s); skipped", key, exc)
+            return False
+        except BaseException:
+            temp.discard()
+            raise
+        return True
+
+    def _holds(self, key: str, record: _journal.Record) -> bool:
+        """Whether the file at ``key`` holds the body and attribute of ``record``."""
+        try:
+            fd, st = self._open_entry(key)
+        except OSError:
+            return False
+        try:
+            if not stat.S_ISREG(st.st_mode):
+                return False
+            try:
+                xattr: bytes | None = os.getxattr(fd, XATTR)
+            except OSError:
+                xattr = None
+            if xattr == _NO_TYPE_XATTR:
+                xattr = None
+            return xattr == record.xattr and _read_whole(fd, st.st_size, False) == record.body
+        finally:
+            os.close(fd)
 
     def _claim_tmp(self, tmp: int, boot: str) -> int:
         """Make this instance's temporary folder, lock it, and return a descriptor of it.
@@ -1551,10 +1661,13 @@ class LocalBackend(Backend):
         return folder
 
     async def close(self) -> None:
+        journal, self._journal = self._journal, None
+        if journal is not None:
+            await journal.close()
         ring, self._ring = self._ring, None
         if ring is not None:
             await ring.close()
-        await asyncio.to_thread(self._close)
+        await asyncio.to_thread(self._close, journal is not None and journal.used)
 
     def __del__(self) -> None:
         # Not in close(): a worker thread that outlived its cancelled request may still look
@@ -1567,10 +1680,21 @@ class LocalBackend(Backend):
                 with contextlib.suppress(Exception):  # OSError; or os half gone at exit
                     os.close(fd)
 
-    def _close(self) -> None:
+    def _close(self, journaled: bool = False) -> None:
+        """Remove this instance's temporary folder; ``journaled``: its journal has records,
+        so the store is made durable first (``syncfs``), or, if that fails, the folder is
+        left for the next start."""
         lock, self._tmp_lock = self._tmp_lock, None
         if lock is None:
             return
+        if journaled:
+            try:
+                _journal.syncfs(lock)
+            except OSError as exc:
+                log.error("the store could not be made durable at shutdown (%s): its "
+                          "journal is kept for the next start", exc)  # fmt: skip
+                os.close(lock)
+                return
         own = self._tmp_segments[-1]
         self._tmp_segments = TMP_DIR.split("/")
         try:
@@ -1779,6 +1903,7 @@ class LocalBackend(Backend):
             except asyncio.CancelledError:
                 cancelled.set()  # the thread drops the file, unless it was already renamed
                 raise
+            await self._record(_journal.MARKER, key, st.st_ino)
             return _file_info(key, st, content_type, metadata)
         rest = _chain(head, iterator)
         return await self._write(
@@ -1875,6 +2000,7 @@ class LocalBackend(Backend):
             # Shielded: a second cancellation (shutdown) must not unqueue it before it ran.
             await asyncio.shield(asyncio.to_thread(temp.discard))
             raise
+        await self._record(_journal.MARKER, key, st.st_ino)
         return _file_info(key, st, content_type, metadata)
 
     def _begin_write(
@@ -2018,9 +2144,11 @@ class LocalBackend(Backend):
         key."""
         parent = None
         ring = self._ring
+        journal = self._journal
         chain = None
         try:
-            ops = temp.ring_seal(data, xattr) if ring is not None else None
+            sync = journal is None  # else the journal's record makes the body durable
+            ops = temp.ring_seal(data, xattr, sync) if ring is not None else None
             if ring is not None and ops is not None and ring.usable(len(ops)):
                 with contextlib.suppress(OSError):  # the kernel took none: threads do it
                     chain = ring.run(ops)
@@ -2052,13 +2180,21 @@ class LocalBackend(Backend):
                 await asyncio.shield(asyncio.to_thread(temp.discard))
             raise
         if parent is None:
-            return await _to_the_end(self._install_or_discard, temp, segments, key, exclusive)
+            st = await _to_the_end(self._install_or_discard, temp, segments, key, exclusive)
+            await self._record(_journal.CONTENT, key, st.st_ino, xattr, data)
+            return st
         syncing = None
         if ring is not None and temp.replaced_small():
-            with contextlib.suppress(OSError):  # (fstat) a thread settles it then
-                syncing = self._dir_syncs.after(parent, ring)
+            if journal is not None:
+                # Durable once the record is: no fsync of the file, nor of the directory.
+                body = b"".join(data)
+                syncing = journal.commit(_journal.CONTENT, key, st.st_ino, xattr, body)
+            else:
+                with contextlib.suppress(OSError):  # (fstat) a thread settles it then
+                    syncing = self._dir_syncs.after(parent, ring)
         if syncing is None:
             await _to_the_end(_settle, temp, parent, self._spares)
+            await self._record(_journal.CONTENT, key, st.st_ino, xattr, data)
             return st
         # The rest of _settle once the fsync has run, whatever becomes of this task: the
         # directory and the temporary folder stay open until then.
@@ -2073,6 +2209,35 @@ class LocalBackend(Backend):
             raise
         return st
 
+    async def _record(
+        self,
+        kind: int,
+        key: str,
+        inode: int = 0,
+        xattr: bytes | None = None,
+        data: list[bytes] | None = None,
+    ) -> None:
+        """With the journal on: commit a record of a change just made at ``key`` (``_journal``)
+        and raise if it failed. A ``CONTENT`` record makes the change durable; a marker says
+        that a change made durable by other means supersedes the key's earlier records."""
+        journal = self._journal
+        if journal is None:
+            return
+        body = b"".join(data) if data else b""
+        (result,) = await asyncio.shield(journal.commit(kind, key, inode, xattr, body))
+        if result < 0:
+            raise OSError(
+                -result, f"the journal could not record the change: {os.strerror(-result)}", key
+            )
+
+    async def _checkpoint(self) -> None:
+        """With the journal on, after a change of many keys at once (a move, a prefix
+        deleted): make the store durable and record that, so that a replay ignores every
+        earlier record (``_journal.Journal.checkpoint``). Moved files may be durable only by
+        records at the keys they left, and records below a prefix are superseded."""
+        if self._journal is not None:
+            await asyncio.shield(self._journal.checkpoint())
+
     async def create_appendable(self, key: str, *, content_type: str | None = None) -> Appendable:
         segments, _, xattr = _prepare(key, content_type, None)
         creating = asyncio.ensure_future(
@@ -2082,6 +2247,12 @@ class LocalBackend(Backend):
             fd = await asyncio.shield(creating)
         except asyncio.CancelledError:
             creating.add_done_callback(_close_created)
+            raise
+        try:
+            # A new inode at the key (its number may be one a journaled write had there).
+            await self._record(_journal.MARKER, key, os.fstat(fd).st_ino)
+        except BaseException:
+            os.close(fd)
             raise
         return _Appendable(fd, self._ring)
 
@@ -2140,6 +2311,7 @@ class LocalBackend(Backend):
 
     async def delete(self, key: str) -> None:
         await asyncio.to_thread(self._delete, key)
+        await self._record(_journal.MARKER, key)
 
     def _delete(self, key: str) -> None:
         segments = _split(key)
@@ -2164,7 +2336,10 @@ class LocalBackend(Backend):
             os.close(parent)
 
     async def delete_if_unchanged(self, key: str, expected: Info) -> bool:
-        return await asyncio.to_thread(self._delete_if_unchanged, key, expected)
+        deleted = await asyncio.to_thread(self._delete_if_unchanged, key, expected)
+        if deleted:
+            await self._record(_journal.MARKER, key)
+        return deleted
 
     def _delete_if_unchanged(self, key: str, expected: Info) -> bool:
         """Compare and unlink in one worker-thread call: the window in which a new version
@@ -2191,7 +2366,9 @@ class LocalBackend(Backend):
             os.close(parent)
 
     async def delete_prefix(self, key: str) -> int:
-        return await asyncio.to_thread(self._delete_prefix, key)
+        count = await asyncio.to_thread(self._delete_prefix, key)
+        await self._checkpoint()
+        return count
 
     def _delete_prefix(self, key: str) -> int:
         segments = _split(key)
@@ -2216,6 +2393,7 @@ class LocalBackend(Backend):
 
     async def move(self, src: str, dst: str) -> None:
         await asyncio.to_thread(self._move, src, dst)
+        await self._checkpoint()
 
     def _move(self, src: str, dst: str) -> None:
         src_segments = _split(src)

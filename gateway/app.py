@@ -231,7 +231,9 @@ def make_backend(config: Config) -> Backend:
     cls = backend_class(kind)
     if kind == "local":
         return cls(  # type: ignore[call-arg]
-            config["storage.local.base-path"], io_uring=config["storage.local.io-uring"]
+            config["storage.local.base-path"],
+            io_uring=config["storage.local.io-uring"],
+            journal=config["storage.local.journal"],
         )
     if kind == "s3":
         return cls(  # type: ignore[call-arg]

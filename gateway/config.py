@@ -201,6 +201,14 @@ OPTIONS: Final = MappingProxyType(
                 _to_bool,
                 "Small writes by io_uring where the kernel allows it (else worker threads).",
             ),
+            Option(
+                "storage.local.journal",
+                True,
+                _to_bool,
+                "Small writes made durable by a journal (one flush for many writes) where"
+                " io_uring serves them on a local disk; off: each write's file and directory"
+                " are flushed. Every process sharing a base path must use the same setting.",
+            ),
             Option("storage.s3.bucket", None, _to_str, "Bucket name (required for s3)."),
             Option("storage.s3.region", None, _to_str, "Region, e.g. us-east-1."),
             Option("storage.s3.endpoint", None, _to_str, "Endpoint URL for MinIO, Ceph, moto."),

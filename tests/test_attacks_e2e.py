@@ -644,8 +644,9 @@ AUDIT_RECORD: Final = re.compile(
     r"|\.gateway/usage(/(~|[a-z0-9][a-z0-9_-]{0,62})(/(base|p-[0-9a-f]+-[0-9a-f]{12})\.json)?)?"
     # and the local backend's temporary files: a write's own (named by the backend, caught
     # in flight by a snapshot: the usage counters are written in the background) and the
-    # files of replaced objects it keeps for later writes (_Spares), renamed from the former
-    r"|\.gateway/tmp/[0-9a-f]{16}/[0-9a-f]{32}\.(spare|tmp)"
+    # files of replaced objects it keeps for later writes (_Spares), renamed from the former,
+    # and the segments of its journal of small writes (backends._journal)
+    r"|\.gateway/tmp/[0-9a-f]{16}/([0-9a-f]{32}\.(spare|tmp)|journal-[0-9]+)"
 )
 
 

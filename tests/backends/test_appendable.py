@@ -28,10 +28,10 @@ KEY = "tenants/acme/logs/deep/segment.json"
 @pytest.fixture(params=["ring", "thread"])
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[LocalBackend]:
     """A started local backend: appends by its io_uring ring ("ring") or by worker threads
-    ("thread", as with ``io_uring=False`` or where io_uring is missing)."""
-    async with started(
-        LocalBackend(tmp_path / "store", io_uring=request.param == "ring")
-    ) as backend:
+    ("thread", as with ``io_uring=False`` or where io_uring is missing). No journal: the
+    ring's chains are the appends' own (the journal's are in test_journal)."""
+    ring = request.param == "ring"
+    async with started(LocalBackend(tmp_path / "store", io_uring=ring, journal=False)) as backend:
         if request.param == "ring":
             assert backend._ring is not None, "io_uring is available on this project's machines"
         else:

@@ -37,7 +37,7 @@ MiB = 1024 * 1024
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[LocalBackend]:
-    async with started(LocalBackend(tmp_path / "store")) as backend:
+    async with started(LocalBackend(tmp_path / "store", journal=False)) as backend:
         yield backend
 
 
@@ -281,7 +281,10 @@ def _spy_trips(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 @pytest.fixture
 async def threads(store: LocalBackend) -> None:
     """The backend without its io_uring ring: small writes by worker threads (as where
-    io_uring is missing, refused, or turned off)."""
+    io_uring is missing, refused, or turned off): no journal either."""
+    if store._journal is not None:
+        await store._journal.close()
+        store._journal = None
     if store._ring is not None:
         await store._ring.close()
         store._ring = None

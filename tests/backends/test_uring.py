@@ -153,7 +153,7 @@ async def test_where_io_uring_is_refused_there_is_no_ring(
 async def test_a_write_the_ring_could_not_finish_is_made_again_by_a_thread(
     failure: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    store = LocalBackend(tmp_path / "store")
+    store = LocalBackend(tmp_path / "store", journal=False)
     await store.start()
     try:
         monkeypatch.setattr(local_module, "SPARE_MIN_AGE", 0.0)
