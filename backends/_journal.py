@@ -26,8 +26,11 @@ header that holds the segment's generation, then records, each with a CRC-32. Re
 at the first record that is cut, damaged or of another generation, so a segment is reused
 (from its start, a new generation in its header) without being cleared. A segment is reused
 once a *checkpoint* covers it: a ``syncfs`` of the file system, after which every change made
-before it began is durable, then a checkpoint record with that moment. The replay ignores the
-records older than the latest checkpoint of any journal.
+before it began is durable, then a checkpoint record with that moment. A process that removes
+a journal (at shutdown, or a dead process's, or spent ones after a replay) records such a
+moment for the whole store instead (``LocalBackend``'s ``CHECKPOINT_NAME``): the records it
+removes may be what supersedes other journals' older ones. The replay ignores the records
+older than the latest checkpoint of any journal, or of the store.
 
 Records are ordered by ``CLOCK_MONOTONIC``, read right after the change they record was made:
 one clock for every process of one boot. Two writes of one key made at the same moment by two
@@ -146,7 +149,7 @@ def segment_names(folder: int) -> list[str]:
     return sorted(name for name in os.listdir(folder) if name.startswith(PREFIX_NAME))
 
 
-def plan(records: Iterable[Record]) -> list[tuple[Record, Record | None]]:
+def plan(records: Iterable[Record], since: int = 0) -> list[tuple[Record, Record | None]]:
     """What a replay must do, given the records of every journal of the processes that ran
     before a crash: for each key with content records newer than the last checkpoint, its
     last one, and the last marker after it that covers the key (or None).
@@ -154,9 +157,10 @@ def plan(records: Iterable[Record]) -> list[tuple[Record, Record | None]]:
     With no marker after it, the key must hold that content. With one, the key holds what a
     later durable change left there, unless the key's file is still the journaled one (its
     inode): then that change came first (two processes' changes, made at the same moment)
-    and the content must be there. ``LocalBackend._replay`` tells which."""
+    and the content must be there. ``LocalBackend._replay`` tells which. ``since``: a
+    checkpoint recorded outside the journals (``LocalBackend``'s ``CHECKPOINT_NAME``)."""
     records = list(records)
-    since = max((r.stamp for r in records if r.kind == CHECKPOINT), default=0)
+    since = max([since, *(r.stamp for r in records if r.kind == CHECKPOINT)])
     last: dict[str, Record] = {}
     marker: dict[str, Record | None] = {}
     for record in sorted(records, key=lambda r: r.stamp):
@@ -199,13 +203,15 @@ _Pending = tuple[int, int, int, str, "bytes | None", bytes, "asyncio.Future[list
 
 class Journal:
     """One process's journal (see the module), in its temporary folder ``folder`` (a
-    descriptor the journal does not own), written by ``ring``.
+    descriptor the journal does not own), written by ``ring`` (else by worker threads).
 
     ``commit`` queues a record and returns the future of its batch's outcome, ``[0]`` or
     ``[-errno]`` (never cancelled): one batch is written at a time, and what is queued
     meanwhile goes into the next."""
 
-    def __init__(self, folder: int, ring: _uring.Ring, segment_bytes: int = SEGMENT_BYTES):
+    def __init__(
+        self, folder: int, ring: _uring.Ring | None, segment_bytes: int = SEGMENT_BYTES
+    ) -> None:
         self._folder = folder
         self._ring = ring
         self._segment_bytes = segment_bytes
@@ -217,6 +223,10 @@ class Journal:
         self._checkpointed = 0  # the stamp of the last checkpoint recorded
         self._checkpointing: asyncio.Future[None] | None = None
         self._closed = False
+        # A checkpoint's syncfs failed: a writeback was lost, and the kernel reports that once
+        # per open file. Nothing more is acknowledged, and no segment is reused (the records
+        # may be the only copy).
+        self._failed: OSError | None = None
         self.batches = 0  # batches written (for tests and metrics)
         self.records = 0
         self.used = False  # a record was committed: close() makes the store durable first
@@ -232,8 +242,8 @@ class Journal:
     ) -> asyncio.Future[list[int]]:
         """Queue a record (stamped now, unless ``stamp``); see the class."""
         future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
-        if self._closed:
-            future.set_result([-errno.EBADF])
+        if self._closed or self._failed is not None:
+            future.set_result([-errno.EBADF if self._closed else -errno.EIO])
             return future
         moment = time.monotonic_ns() if stamp is None else stamp
         self._pending.append((moment, kind, inode, key, xattr, body, future))
@@ -241,6 +251,11 @@ class Journal:
         if not self._running:
             self._start()
         return future
+
+    @property
+    def failed(self) -> bool:
+        """Whether a checkpoint's ``syncfs`` failed (a lost writeback)."""
+        return self._failed is not None
 
     async def checkpoint(self) -> None:
         """Make every change made so far durable (``syncfs``), then record that; at most one
@@ -251,7 +266,14 @@ class Journal:
         self._checkpointing = done
         try:
             moment = time.monotonic_ns()
-            await asyncio.to_thread(syncfs, self._folder)
+            try:
+                await asyncio.to_thread(syncfs, self._folder)
+            except OSError as exc:
+                if self._failed is None:
+                    log.error("the store's writeback failed (%s): no write is acknowledged "
+                              "any more; the journal is kept for the next start", exc)  # fmt: skip
+                self._failed = exc
+                raise
             (result,) = await asyncio.shield(self.commit(CHECKPOINT, "", stamp=moment))
             if result < 0:
                 raise OSError(-result, os.strerror(-result))
@@ -267,8 +289,8 @@ class Journal:
                        for p in batch)  # fmt: skip
             segment = self._segment_for(size)
             data = b"".join(encode(segment.generation, *p[:6]) for p in batch)
-        except OSError as exc:
-            self._finish(batch, -(exc.errno or errno.EIO))
+        except Exception as exc:  # e.g. no descriptor left for a new segment
+            self._finish(batch, -(getattr(exc, "errno", None) or errno.EIO))
             return
         steps: list[_uring.Op] = []
         if segment.fresh:
@@ -281,7 +303,7 @@ class Journal:
         self._running = True
         ring = self._ring
         running: asyncio.Future[list[int]] | None = None
-        if ring.usable(len(steps)):
+        if ring is not None and ring.usable(len(steps)):
             with contextlib.suppress(OSError):  # the kernel took none: a thread does it
                 running = ring.run(steps)
         if running is None:
@@ -331,9 +353,13 @@ class Journal:
             if current.end + size <= self._segment_bytes or current.end == HEADER_BYTES:
                 return current
         self._generation += 1
-        reusable = next(
-            (s for s in self._segments[:-1] if s.last < self._checkpointed and not s.fresh),
-            None,
+        reusable = (
+            next(
+                (s for s in self._segments[:-1] if s.last < self._checkpointed and not s.fresh),
+                None,
+            )
+            if self._failed is None
+            else None
         )
         if reusable is not None:
             self._segments.remove(reusable)

@@ -7,11 +7,13 @@ with it.
 
 Writes land in a temporary file under ``<base>/.gateway/tmp/<process>/``, are fsynced, get
 their metadata, and are renamed into place (then the directory is fsynced): a reader sees the
-old object or the whole new one. On a local disk, the file a small object replaces is kept as
-a spare and becomes a later write's temporary file (see ``_Spares``). Each backend instance
-holds an ``flock`` on its own temporary folder; a crash leaves at most temporary files in a
-folder nobody holds, and ``start`` removes those folders, and only those, so several processes
-can share one base path.
+old object or the whole new one. On a disk, small writes are made durable by the process's
+journal instead of those two flushes (``backends._journal``): many writes share one. On a
+local disk, the file a small object replaces is kept as a spare and becomes a later write's
+temporary file (see ``_Spares``). Each backend instance holds an ``flock`` on its own
+temporary folder; a crash leaves at most temporary files in a folder nobody holds, and
+``start`` removes those folders, and only those, so several processes can share one base
+path.
 
 Symbolic links are never followed (rule 8 of ``gateway.keys``). Every path is opened one
 segment at a time from a descriptor of the base directory with ``O_NOFOLLOW``, and every
@@ -107,6 +109,13 @@ renamed so, rather than removed (``LocalBackend._remove_leftovers``)."""
 
 _BOOT_ID_FILE: Final = "/proc/sys/kernel/random/boot_id"
 
+CHECKPOINT_NAME: Final = "checkpoint"
+"""In ``TMP_DIR``: ``<boot id> <stamp>``, every change made before that moment of that boot is
+durable. Written (under the lock of ``TMP_DIR``) by a process that ran ``syncfs`` before
+removing a journal (its own at shutdown, a dead process's, or spent ones after a replay): the
+records it removed may be the ones that supersede other journals' older records, so a replay
+ignores every record older than it (``_journal``)."""
+
 log = logging.getLogger(__name__)
 
 XATTR: Final = "user.gateway"
@@ -172,14 +181,54 @@ def _left_this_boot(folder: int, boot: str) -> bool:
     or an unreadable one's (the boot id may not have reached the disk)."""
     if not boot:
         return True
+    written = _folder_boot(folder)
+    return written is None or written == boot
+
+
+def _folder_boot(folder: int) -> str | None:
+    """The boot id a temporary folder's lock file holds; None without a lock file."""
     try:
         lock = os.open(LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
     except FileNotFoundError:
-        return True
+        return None
     try:
-        return os.read(lock, 128).decode("ascii", "replace").strip() == boot
+        return os.read(lock, 128).decode("ascii", "replace").strip()
     finally:
         os.close(lock)
+
+
+def _read_checkpoint(tmp: int) -> tuple[str, int]:
+    """The boot id and stamp of ``CHECKPOINT_NAME`` in ``tmp``; ("", 0) if there is none."""
+    try:
+        fd = os.open(CHECKPOINT_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=tmp)
+    except OSError:
+        return "", 0
+    try:
+        boot, stamp = os.read(fd, 256).decode("ascii").split()
+        return boot, int(stamp)
+    except (OSError, ValueError):
+        return "", 0
+    finally:
+        os.close(fd)
+
+
+def _write_checkpoint(tmp: int, boot: str, stamp: int) -> None:
+    """Durably record in ``tmp`` that every change of boot ``boot`` made before ``stamp`` is
+    durable (``CHECKPOINT_NAME``), unless it says so of a later moment already. The caller
+    holds the lock of ``tmp``."""
+    known_boot, known = _read_checkpoint(tmp)
+    if known_boot == boot and known >= stamp:
+        return
+    name = f"{CHECKPOINT_NAME}.new"
+    fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600, dir_fd=tmp)  # fmt: skip
+    try:
+        os.write(fd, f"{boot} {stamp}".encode("ascii", "replace"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(name, CHECKPOINT_NAME, src_dir_fd=tmp, dst_dir_fd=tmp)
+    os.fsync(tmp)
 
 
 def _held_by_a_live_process(folder: int) -> bool:
@@ -741,6 +790,12 @@ class _TempFile:
                 os.setxattr(self._fd, XATTR, xattr)
             os.fsync(self._fd)
 
+    def flush(self) -> None:
+        """``fsync`` the body sealed without one (``ring_seal(sync=False)``)."""
+        with self._lock:
+            self._check()
+            os.fsync(self._fd)
+
     def ring_seal(
         self, data: list[bytes], xattr: bytes | None, sync: bool = True
     ) -> list[_uring.Op] | None:
@@ -1106,15 +1161,54 @@ def _settle(temp: _TempFile, parent: int, spares: _Spares | None) -> None:
         os.close(parent)
 
 
-async def _to_the_end(function: Callable[..., _T], *args: Any) -> _T:
+_Then = Callable[[Any], "asyncio.Future[Any] | None"]
+"""Given what a change returned, the journal's record (or checkpoint) that must follow it."""
+
+
+async def _to_the_end(
+    function: Callable[..., _T],
+    *args: Any,
+    then: _Then | None = None,
+    abandoned: Callable[[asyncio.Future[Any]], None] | None = None,
+) -> _T:
     """Run ``function(*args)`` in a worker thread to its end, even if this task is cancelled
-    meanwhile (what it does must not be left half done)."""
+    meanwhile (what it does must not be left half done). ``then``: once it has succeeded,
+    the journal's record that must follow (``LocalBackend._marks``), queued from the
+    thread's completion, so that a cancelled task cannot skip it, and awaited here.
+    ``abandoned``: what to do with the outcome once this task was cancelled."""
     future = asyncio.ensure_future(asyncio.to_thread(function, *args))
+    follows: list[asyncio.Future[Any]] = []
+    if then is not None:
+        future.add_done_callback(functools.partial(_follow, then, follows))
     try:
-        return await asyncio.shield(future)
+        result = await asyncio.shield(future)
     except asyncio.CancelledError:
-        future.add_done_callback(_retrieve)
+        future.add_done_callback(abandoned or _retrieve)
         raise
+    try:
+        for follow in follows:
+            outcome = await asyncio.shield(follow)
+            if isinstance(outcome, list) and outcome[0] < 0:
+                code = -outcome[0]
+                raise OSError(code, f"the journal could not record the change: {os.strerror(code)}")
+    except BaseException:
+        if abandoned is not None:
+            abandoned(future)  # (e.g. the appendable's descriptor goes)
+        raise
+    return result
+
+
+def _follow(then: _Then, follows: list[asyncio.Future[Any]], done: asyncio.Future[Any]) -> None:
+    if done.cancelled() or done.exception() is not None:
+        return
+    try:
+        follow = then(done.result())
+    except Exception as exc:  # (an fstat): the change is not known to be recorded
+        follow = asyncio.get_running_loop().create_future()
+        follow.set_exception(exc)
+    if follow is not None:
+        follow.add_done_callback(_retrieve)  # seen, should this task be gone by then
+        follows.append(follow)
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -1130,22 +1224,51 @@ def _settled_by_ring(
     settled: asyncio.Future[None],
     fsync: asyncio.Future[list[int]],
 ) -> None:
-    """``_settle`` after the ring's ``fsync`` of the directory ``parent``; its outcome goes
-    to ``settled``."""
+    """``_settle`` after the ring's ``fsync`` of the directory ``parent`` (or the journal's
+    record of the write); its outcome goes to ``settled``. A replaced file larger than a small
+    one is freed by a worker thread: the kernel drops its pages (200 ms for 1 GiB here)."""
     try:
         (result,) = fsync.result()
         if result < 0:
             raise OSError(-result, os.strerror(-result))
-        temp.keep_replaced(spares)  # a small file at most (replaced_small): no wait
+        if not temp.replaced_small():
+            freeing = asyncio.get_running_loop().run_in_executor(None, temp.keep_replaced, spares)
+            freeing.add_done_callback(functools.partial(_freed, temp, parent, settled))
+            return
+        temp.keep_replaced(spares)  # a small file at most: no wait
     except Exception as exc:
         if not settled.done():
             settled.set_exception(exc)
     else:
         if not settled.done():
             settled.set_result(None)
+    temp.close_folder()
+    os.close(parent)
+
+
+def _freed(
+    temp: _TempFile, parent: int, settled: asyncio.Future[None], freeing: asyncio.Future[None]
+) -> None:
+    """The end of ``_settled_by_ring`` once a worker thread has freed a large replaced file."""
+    try:
+        if not settled.done():
+            if freeing.cancelled():  # the executor went at shutdown: left for the next start
+                settled.set_result(None)
+            elif (error := freeing.exception()) is not None:
+                settled.set_exception(error)
+            else:
+                settled.set_result(None)
     finally:
         temp.close_folder()
         os.close(parent)
+
+
+def _inode(st: os.stat_result) -> int:
+    return st.st_ino
+
+
+def _no_inode(_: object) -> int:
+    return 0
 
 
 def _fsync_result(fd: int) -> list[int]:
@@ -1376,7 +1499,7 @@ class LocalBackend(Backend):
     ) -> None:
         self.base_path = os.fspath(base_path)
         self.io_uring = io_uring  # small writes over spares by io_uring, where it works
-        self.journal = journal  # small writes made durable by the journal, where the ring is
+        self.journal = journal  # small writes made durable by the journal, on a disk
         self._tmp_segments = TMP_DIR.split("/")
         self._reads_on_loop = False  # set by start(): True on a local disk file system
         self._nowait = True  # set by start(): False where files live in memory
@@ -1468,7 +1591,9 @@ class LocalBackend(Backend):
         await asyncio.to_thread(self._start)
         if self.io_uring and self._spares is not None and self._ring is None:
             self._ring = _uring.open_ring()  # small writes over spares: no worker threads
-        if self.journal and self._ring is not None and self._journal is None and _boot_id():
+        if self.journal and self._spares is not None and self._journal is None and _boot_id():
+            # Also without a ring (threads write it then): the markers of this process's
+            # changes must reach the journals of processes that have one.
             assert self._own_tmp is not None
             self._journal = _journal.Journal(self._own_tmp, self._ring)
 
@@ -1525,7 +1650,8 @@ class LocalBackend(Backend):
         journals = False
         for name, is_dir in leftovers:
             if not is_dir:
-                os.unlink(name, dir_fd=tmp)
+                if name != CHECKPOINT_NAME:
+                    os.unlink(name, dir_fd=tmp)
                 continue
             if name.endswith(RESTARTED_SUFFIX):
                 kept += 1
@@ -1543,8 +1669,10 @@ class LocalBackend(Backend):
                 os.close(child)
         if restarted:
             self._replay(tmp, restarted)
-        if journals:
-            _journal.syncfs(tmp)  # what their journals recorded is durable: they can go
+        if journals:  # what their journals recorded is made durable: they can go
+            moment = time.monotonic_ns()
+            _journal.syncfs(tmp)
+            _write_checkpoint(tmp, boot, moment)
         for name in gone:
             child = _open_child_dir(tmp, name, TMP_DIR)
             try:
@@ -1566,15 +1694,24 @@ class LocalBackend(Backend):
 
     def _replay(self, tmp: int, names: list[str]) -> None:
         """Replay the journals in the temporary folders ``names`` of processes that ran
-        before the machine restarted (see ``_journal``), make that durable, then remove
-        those journals (a later crash must not replay them over newer changes)."""
-        folders = [_open_child_dir(tmp, name, TMP_DIR) for name in names]
+        before the machine restarted (see ``_journal``), make that durable and record it
+        (``CHECKPOINT_NAME``), then remove those journals: a later crash, even during the
+        removals, must not replay them over newer changes."""
+        folders: list[int] = []
         try:
-            records = [r for folder in folders for r in _journal.read_folder(folder)]
-            if records:
-                steps = _journal.plan(records)
+            for name in names:
+                folders.append(_open_child_dir(tmp, name, TMP_DIR))
+            by_boot: dict[str, list[_journal.Record]] = {}
+            for folder in folders:
+                records = _journal.read_folder(folder)
+                if records:
+                    by_boot.setdefault(_folder_boot(folder) or "", []).extend(records)
+            known_boot, known = _read_checkpoint(tmp)
+            for boot, records in by_boot.items():  # one boot's, unless a replay never ran
+                steps = _journal.plan(records, since=known if boot == known_boot else 0)
                 written = sum(self._replay_one(record, marker) for record, marker in steps)
                 _journal.syncfs(tmp)
+                _write_checkpoint(tmp, boot, max(r.stamp for r in records) + 1)
                 log.warning(
                     "replayed the journals of %d process(es) that ran before the machine "
                     "restarted: %d key(s) recorded, %d rewritten",
@@ -1655,7 +1792,9 @@ class LocalBackend(Backend):
         lock = os.open(LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600, dir_fd=folder)
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.write(lock, boot.encode("ascii", "replace"))  # for _left_this_boot
+        os.fsync(lock)  # and for a replay, which groups journals by boot
         os.rename(building, name, src_dir_fd=tmp, dst_dir_fd=tmp)
+        os.fsync(tmp)  # the journal's folder must be found after a crash
         self._tmp_lock = lock
         self._tmp_segments = [*TMP_DIR.split("/"), name]
         return folder
@@ -1667,7 +1806,8 @@ class LocalBackend(Backend):
         ring, self._ring = self._ring, None
         if ring is not None:
             await ring.close()
-        await asyncio.to_thread(self._close, journal is not None and journal.used)
+        journaled = journal is not None and journal.used
+        await asyncio.to_thread(self._close, journaled, journal is not None and journal.failed)
 
     def __del__(self) -> None:
         # Not in close(): a worker thread that outlived its cancelled request may still look
@@ -1680,21 +1820,13 @@ class LocalBackend(Backend):
                 with contextlib.suppress(Exception):  # OSError; or os half gone at exit
                     os.close(fd)
 
-    def _close(self, journaled: bool = False) -> None:
+    def _close(self, journaled: bool = False, failed: bool = False) -> None:
         """Remove this instance's temporary folder; ``journaled``: its journal has records,
-        so the store is made durable first (``syncfs``), or, if that fails, the folder is
-        left for the next start."""
+        so the store is made durable first (``syncfs``), or, if that fails, or failed before
+        (``failed``: a lost writeback), the folder is kept."""
         lock, self._tmp_lock = self._tmp_lock, None
         if lock is None:
             return
-        if journaled:
-            try:
-                _journal.syncfs(lock)
-            except OSError as exc:
-                log.error("the store could not be made durable at shutdown (%s): its "
-                          "journal is kept for the next start", exc)  # fmt: skip
-                os.close(lock)
-                return
         own = self._tmp_segments[-1]
         self._tmp_segments = TMP_DIR.split("/")
         try:
@@ -1702,6 +1834,22 @@ class LocalBackend(Backend):
         except OSError:
             os.close(lock)
             return
+        if journaled:
+            try:
+                if failed:
+                    raise OSError(errno.EIO, "a writeback failed earlier")
+                fcntl.flock(tmp, fcntl.LOCK_EX)  # for _write_checkpoint
+                moment = time.monotonic_ns()
+                # On the folder opened at start: the kernel reports a writeback error to the
+                # files open when it happened.
+                _journal.syncfs(self._own_tmp if self._own_tmp is not None else tmp)
+                _write_checkpoint(tmp, _boot_id(), moment)
+            except OSError as exc:
+                log.error("the store could not be made durable at shutdown (%s): the "
+                          "journal is kept for the next start", exc)  # fmt: skip
+                os.close(lock)
+                os.close(tmp)
+                return
         try:
             folder = _open_child_dir(tmp, own, TMP_DIR)
             try:
@@ -1896,14 +2044,14 @@ class LocalBackend(Backend):
                     return _file_info(key, st, content_type, metadata)
             cancelled = _Flag()
             try:
-                st = await asyncio.to_thread(
+                st = await _to_the_end(
                     self._write_whole,
                     segments, key, exclusive, head, xattr, cancelled, checked, replaced,
+                    then=self._marks(key, _inode),
                 )  # fmt: skip
             except asyncio.CancelledError:
                 cancelled.set()  # the thread drops the file, unless it was already renamed
                 raise
-            await self._record(_journal.MARKER, key, st.st_ino)
             return _file_info(key, st, content_type, metadata)
         rest = _chain(head, iterator)
         return await self._write(
@@ -1992,15 +2140,15 @@ class LocalBackend(Backend):
             raise
         try:
             rest = await fill(temp)
-            st = await asyncio.to_thread(
-                self._end_write, temp, rest, xattr, segments, key, exclusive
-            )
+            st = await _to_the_end(
+                self._end_write, temp, rest, xattr, segments, key, exclusive,
+                then=self._marks(key, _inode),
+            )  # fmt: skip
         except BaseException:
             # Also on cancellation: discard() waits for a write still running in its thread.
             # Shielded: a second cancellation (shutdown) must not unqueue it before it ran.
             await asyncio.shield(asyncio.to_thread(temp.discard))
             raise
-        await self._record(_journal.MARKER, key, st.st_ino)
         return _file_info(key, st, content_type, metadata)
 
     def _begin_write(
@@ -2065,10 +2213,13 @@ class LocalBackend(Backend):
         return self._install(temp, segments, key, exclusive)
 
     def _install(
-        self, temp: _TempFile, segments: list[str], key: str, exclusive: bool
+        self, temp: _TempFile, segments: list[str], key: str, exclusive: bool, flush: bool = False
     ) -> os.stat_result:
         """Give a sealed temporary file its name in the key's directory (made if missing),
-        looked up now, right before the rename, and make that durable."""
+        looked up now, right before the rename, and make that durable. ``flush``: its body
+        was sealed without ``fsync``: first that."""
+        if flush:
+            temp.flush()
         parent = self._open_dir(segments[:-1], key, create=True)
         try:
             st = temp.install(parent, segments[-1], key, exclusive, self._spares)
@@ -2078,10 +2229,10 @@ class LocalBackend(Backend):
             os.close(parent)
 
     def _install_or_discard(
-        self, temp: _TempFile, segments: list[str], key: str, exclusive: bool
+        self, temp: _TempFile, segments: list[str], key: str, exclusive: bool, flush: bool = False
     ) -> os.stat_result:
         try:
-            return self._install(temp, segments, key, exclusive)
+            return self._install(temp, segments, key, exclusive, flush)
         except BaseException:
             temp.discard()
             raise
@@ -2158,6 +2309,7 @@ class LocalBackend(Backend):
                 sealed = temp.sealed_by_ring(ops, await asyncio.shield(chain))
             if not sealed:
                 await asyncio.to_thread(_fill_and_seal, temp, data, xattr)
+            flushed = sync or not sealed  # the thread's seal has its fsync
             try:
                 # Looked up now, right before the rename: a directory moved since the checks
                 # must not take the object with it.
@@ -2180,21 +2332,25 @@ class LocalBackend(Backend):
                 await asyncio.shield(asyncio.to_thread(temp.discard))
             raise
         if parent is None:
-            st = await _to_the_end(self._install_or_discard, temp, segments, key, exclusive)
-            await self._record(_journal.CONTENT, key, st.st_ino, xattr, data)
-            return st
+            # Its directory is to be made: durably, by a thread (which flushes the body first
+            # if the ring did not); then, with the journal, a marker.
+            return await _to_the_end(
+                self._install_or_discard, temp, segments, key, exclusive, not flushed,
+                then=self._marks(key, _inode),
+            )  # fmt: skip
         syncing = None
-        if ring is not None and temp.replaced_small():
-            if journal is not None:
-                # Durable once the record is: no fsync of the file, nor of the directory.
-                body = b"".join(data)
-                syncing = journal.commit(_journal.CONTENT, key, st.st_ino, xattr, body)
-            else:
-                with contextlib.suppress(OSError):  # (fstat) a thread settles it then
-                    syncing = self._dir_syncs.after(parent, ring)
+        if journal is not None:
+            # Durable once the record is: no fsync of the directory (nor, unless a thread
+            # sealed it, of the file).
+            syncing = journal.commit(_journal.CONTENT, key, st.st_ino, xattr, b"".join(data))
+        elif ring is not None and temp.replaced_small():
+            with contextlib.suppress(OSError):  # (fstat) a thread settles it then
+                syncing = self._dir_syncs.after(parent, ring)
         if syncing is None:
-            await _to_the_end(_settle, temp, parent, self._spares)
-            await self._record(_journal.CONTENT, key, st.st_ino, xattr, data)
+            installed = st.st_ino
+            await _to_the_end(
+                _settle, temp, parent, self._spares, then=self._marks(key, lambda _: installed)
+            )
             return st
         # The rest of _settle once the fsync has run, whatever becomes of this task: the
         # directory and the temporary folder stay open until then.
@@ -2209,51 +2365,40 @@ class LocalBackend(Backend):
             raise
         return st
 
-    async def _record(
-        self,
-        kind: int,
-        key: str,
-        inode: int = 0,
-        xattr: bytes | None = None,
-        data: list[bytes] | None = None,
-    ) -> None:
-        """With the journal on: commit a record of a change just made at ``key`` (``_journal``)
-        and raise if it failed. A ``CONTENT`` record makes the change durable; a marker says
-        that a change made durable by other means supersedes the key's earlier records."""
+    def _marks(
+        self, key: str, inode: Callable[[Any], int], when: Callable[[Any], bool] | None = None
+    ) -> _Then | None:
+        """With the journal on, for ``_to_the_end``: after a change at ``key`` made durable by
+        other means (a large write, a delete), a marker record of the file now there
+        (``inode(result)``, 0 for none), so that a replay does not undo it with an earlier
+        record (``_journal``); ``when(result)``: whether a change was made."""
         journal = self._journal
         if journal is None:
-            return
-        body = b"".join(data) if data else b""
-        (result,) = await asyncio.shield(journal.commit(kind, key, inode, xattr, body))
-        if result < 0:
-            raise OSError(
-                -result, f"the journal could not record the change: {os.strerror(-result)}", key
-            )
+            return None
 
-    async def _checkpoint(self) -> None:
-        """With the journal on, after a change of many keys at once (a move, a prefix
-        deleted): make the store durable and record that, so that a replay ignores every
-        earlier record (``_journal.Journal.checkpoint``). Moved files may be durable only by
-        records at the keys they left, and records below a prefix are superseded."""
-        if self._journal is not None:
-            await asyncio.shield(self._journal.checkpoint())
+        def record(result: Any) -> asyncio.Future[list[int]] | None:
+            if when is not None and not when(result):
+                return None
+            return journal.commit(_journal.MARKER, key, inode(result))
+
+        return record
+
+    def _checkpoints(self) -> _Then | None:
+        """With the journal on, for ``_to_the_end``: after a change of many keys at once (a
+        move, a prefix deleted), a checkpoint: the store made durable, and a replay ignores
+        every earlier record (``_journal.Journal.checkpoint``)."""
+        journal = self._journal
+        if journal is None:
+            return None
+        return lambda _: asyncio.ensure_future(journal.checkpoint())
 
     async def create_appendable(self, key: str, *, content_type: str | None = None) -> Appendable:
         segments, _, xattr = _prepare(key, content_type, None)
-        creating = asyncio.ensure_future(
-            asyncio.to_thread(self._create_appendable, segments, key, xattr)
-        )
-        try:
-            fd = await asyncio.shield(creating)
-        except asyncio.CancelledError:
-            creating.add_done_callback(_close_created)
-            raise
-        try:
-            # A new inode at the key (its number may be one a journaled write had there).
-            await self._record(_journal.MARKER, key, os.fstat(fd).st_ino)
-        except BaseException:
-            os.close(fd)
-            raise
+        # A new inode at the key (its number may be one a journaled write had there): marked.
+        fd = await _to_the_end(
+            self._create_appendable, segments, key, xattr,
+            then=self._marks(key, lambda fd: os.fstat(fd).st_ino), abandoned=_close_created,
+        )  # fmt: skip
         return _Appendable(fd, self._ring)
 
     def _create_appendable(self, segments: list[str], key: str, xattr: bytes | None) -> int:
@@ -2310,8 +2455,7 @@ class LocalBackend(Backend):
     # -- deletes, moves, directories ---------------------------------------------------------
 
     async def delete(self, key: str) -> None:
-        await asyncio.to_thread(self._delete, key)
-        await self._record(_journal.MARKER, key)
+        await _to_the_end(self._delete, key, then=self._marks(key, _no_inode))
 
     def _delete(self, key: str) -> None:
         segments = _split(key)
@@ -2336,10 +2480,9 @@ class LocalBackend(Backend):
             os.close(parent)
 
     async def delete_if_unchanged(self, key: str, expected: Info) -> bool:
-        deleted = await asyncio.to_thread(self._delete_if_unchanged, key, expected)
-        if deleted:
-            await self._record(_journal.MARKER, key)
-        return deleted
+        return await _to_the_end(
+            self._delete_if_unchanged, key, expected, then=self._marks(key, _no_inode, bool)
+        )
 
     def _delete_if_unchanged(self, key: str, expected: Info) -> bool:
         """Compare and unlink in one worker-thread call: the window in which a new version
@@ -2366,9 +2509,7 @@ class LocalBackend(Backend):
             os.close(parent)
 
     async def delete_prefix(self, key: str) -> int:
-        count = await asyncio.to_thread(self._delete_prefix, key)
-        await self._checkpoint()
-        return count
+        return await _to_the_end(self._delete_prefix, key, then=self._checkpoints())
 
     def _delete_prefix(self, key: str) -> int:
         segments = _split(key)
@@ -2392,8 +2533,12 @@ class LocalBackend(Backend):
         return count
 
     async def move(self, src: str, dst: str) -> None:
-        await asyncio.to_thread(self._move, src, dst)
-        await self._checkpoint()
+        journal = self._journal
+        if journal is not None:
+            # The files moved may be durable only by records at the keys they leave, which the
+            # checkpoint after the move makes ignored: this one makes them durable first.
+            await asyncio.shield(journal.checkpoint())
+        await _to_the_end(self._move, src, dst, then=self._checkpoints())
 
     def _move(self, src: str, dst: str) -> None:
         src_segments = _split(src)

@@ -647,6 +647,8 @@ AUDIT_RECORD: Final = re.compile(
     # files of replaced objects it keeps for later writes (_Spares), renamed from the former,
     # and the segments of its journal of small writes (backends._journal)
     r"|\.gateway/tmp/[0-9a-f]{16}/([0-9a-f]{32}\.(spare|tmp)|journal-[0-9]+)"
+    # and the checkpoint its processes record when they remove a journal
+    r"|\.gateway/tmp/checkpoint"
 )
 
 

@@ -215,7 +215,10 @@ class LocalStore:
     def tmp_folders(self) -> dict[str, list[str]]:
         if not self.tmp.exists():
             return {}
-        return {p.name: sorted(c.name for c in p.iterdir()) for p in self.tmp.iterdir()}
+        # (folders only: the store's checkpoint of the journal is a file there)
+        return {
+            p.name: sorted(c.name for c in p.iterdir()) for p in self.tmp.iterdir() if p.is_dir()
+        }
 
 
 class S3Store:

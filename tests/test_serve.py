@@ -39,8 +39,10 @@ def _status(sock: socket.socket) -> int | None:
 
 
 def _tmp_files(base: Path) -> list[Path]:
+    """What the gateway's processes left in the store's temporary folder (the checkpoint
+    they record when they remove their journals aside)."""
     tmp = base / ".gateway" / "tmp"
-    return [p for p in tmp.iterdir()] if tmp.exists() else []
+    return [p for p in tmp.iterdir() if p.name != "checkpoint"] if tmp.exists() else []
 
 
 def _config(base: Path, grace: float) -> dict[str, object]:

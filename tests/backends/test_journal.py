@@ -142,7 +142,7 @@ async def test_without_the_journal_small_writes_flush_their_own_files(tmp_path: 
 async def test_segments_are_reused_once_a_checkpoint_covers_them(store: LocalBackend) -> None:
     assert store._ring is not None and store._journal is not None and store._own_tmp is not None
     await store._journal.close()
-    journal = store._journal = _journal.Journal(store._own_tmp, store._ring, segment_bytes=64_000)
+    journal = store._journal = _journal.Journal(store._own_tmp, store._ring, segment_bytes=100_000)
     for round_ in range(12):
         await asyncio.gather(
             *(put(store, f"tenants/acme/r{n}", bytes([round_]) * 4000) for n in range(16))
@@ -150,7 +150,7 @@ async def test_segments_are_reused_once_a_checkpoint_covers_them(store: LocalBac
         if journal._checkpointing is not None:  # (on a disk, much shorter than a segment)
             await journal._checkpointing
     await put(store, "tenants/acme/last", b"after the last checkpoint")
-    # About 64 KB of records per round: a segment each, two or three files in turn.
+    # About 65 KB of records per round: at most one new segment each, three files in turn.
     assert journal._checkpointed > 0
     names = sorted(p.name for p in own_folder(store).glob(f"{_journal.PREFIX_NAME}*"))
     assert 2 <= len(names) <= 3, names
@@ -173,8 +173,11 @@ async def test_segments_are_reused_once_a_checkpoint_covers_them(store: LocalBac
 async def test_after_a_crash_the_journal_brings_back_every_acknowledged_write(
     store: LocalBackend, tmp_path: Path
 ) -> None:
+    # (A first write into a new directory is flushed with it, then marked: the later ones
+    # are the journal's.)
     await put(store, KEY_A, b"version 1")
     await put(store, KEY_A, b"version 2, acknowledged", content_type="text/csv")
+    await put(store, KEY_B, b"b, first")
     await put(store, KEY_B, b"b's body", metadata={"owner": "flow-7"})
     folder = left_by_a_crash(store)
     await store.close()
@@ -233,6 +236,7 @@ async def test_a_journaled_file_still_at_its_key_after_a_later_marker_is_made_wh
 ) -> None:
     # Two processes' changes at one moment can be recorded in the other order than made:
     # the delete's marker is newer, but the journaled file is what the key names.
+    await put(store, KEY_A, b"makes the directory")
     await put(store, KEY_A, b"the journaled content")
     folder = left_by_a_crash(store)
     segment_file = next(folder.glob(f"{_journal.PREFIX_NAME}*"))
@@ -261,3 +265,79 @@ async def test_a_process_that_died_during_this_boot_leaves_its_files_as_they_are
     async with started(LocalBackend(store.base_path)):
         assert not folder.exists()  # removed, unread: the machine kept running
         assert path.read_bytes() == b"changed since, by hand"
+
+
+async def test_a_journal_removed_at_shutdown_leaves_a_checkpoint_for_the_others(
+    store: LocalBackend,
+) -> None:
+    # One process journals v1; another writes v2, shuts down cleanly (its journal, which
+    # recorded v2, goes); the machine crashes. v1's record must not undo v2.
+    await put(store, KEY_A, b"makes the directory")
+    await put(store, KEY_A, b"v1, journaled by the first process")
+    async with started(LocalBackend(store.base_path)) as other:
+        await put(other, KEY_A, b"v2, by a process that has exited since")
+    folder = left_by_a_crash(store)
+    await store.close()
+    checkpoint = tmp_root(store) / "checkpoint"
+    boot, stamp = checkpoint.read_text().split()
+    assert boot == this_boot()
+    checkpoint.write_text(f"an-earlier-boot {stamp}")  # as if that boot had crashed then
+    async with started(LocalBackend(store.base_path)) as after:
+        assert await get(after, KEY_A) == b"v2, by a process that has exited since"
+    assert not folder.exists()  # replayed (nothing to do), then kept as *.restarted
+
+
+async def test_a_cancelled_delete_still_records_its_marker(store: LocalBackend) -> None:
+    await put(store, KEY_A, b"makes the directory")
+    await put(store, KEY_A, b"journaled")
+    deleting = asyncio.ensure_future(store.delete(KEY_A))
+    await asyncio.sleep(0)  # the unlink is under way in a thread
+    deleting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await deleting
+    journal = store._journal
+    assert journal is not None
+    for _ in range(200):  # the thread ends, then its marker is committed
+        if not (Path(store.base_path) / KEY_A).exists() and not journal._pending:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    folder = os.open(own_folder(store), os.O_RDONLY)
+    try:
+        markers = [r for r in _journal.read_folder(folder) if r.kind == _journal.MARKER]
+    finally:
+        os.close(folder)
+    # (the first write, into a new directory, was marked too: with its file's inode)
+    assert [r.inode for r in markers if r.key == KEY_A][-1:] == [0]
+
+
+async def test_without_io_uring_the_journal_still_records_markers(tmp_path: Path) -> None:
+    async with started(LocalBackend(tmp_path / "store", io_uring=False)) as backend:
+        assert backend._ring is None and backend._journal is not None
+        await put(backend, KEY_A, b"flushed by a thread")
+        await backend.delete(KEY_A)
+        folder = os.open(own_folder(backend), os.O_RDONLY)
+        try:
+            records = _journal.read_folder(folder)
+        finally:
+            os.close(folder)
+        assert [r.kind for r in records if r.key == KEY_A] == [_journal.MARKER] * 2
+        assert all(r.kind != _journal.CONTENT for r in records)
+
+
+async def test_after_a_failed_syncfs_no_write_is_acknowledged(
+    store: LocalBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await put(store, KEY_A, b"makes the directory")
+
+    def lost(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(_journal, "syncfs", lost)
+    journal = store._journal
+    assert journal is not None
+    with pytest.raises(OSError):
+        await journal.checkpoint()
+    with pytest.raises(OSError) as caught:
+        await put(store, KEY_A, b"after the lost writeback")
+    assert caught.value.errno == 5
