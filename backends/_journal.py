@@ -49,7 +49,7 @@ import os
 import struct
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -229,6 +229,8 @@ class Journal:
         self._failed: OSError | None = None
         self.batches = 0  # batches written (for tests and metrics)
         self.records = 0
+        # Told of each batch written ("batch", its records) and checkpoint ("checkpoint", 1).
+        self.observer: Callable[[str, int], None] | None = None
         self.used = False  # a record was committed: close() makes the store durable first
 
     def commit(
@@ -278,6 +280,8 @@ class Journal:
             if result < 0:
                 raise OSError(-result, os.strerror(-result))
             self._checkpointed = max(self._checkpointed, moment)
+            if self.observer is not None:
+                self.observer("checkpoint", 1)
         finally:
             self._checkpointing = None
             done.set_result(None)
@@ -334,6 +338,8 @@ class Journal:
             segment.fresh = segment.new = False
             self.batches += 1
             self.records += len(batch)
+            if self.observer is not None:
+                self.observer("batch", len(batch))
         # On failure the segment's end stays: the next batch is written over this one.
         self._finish(batch, result)
         if self._pending and not self._closed:

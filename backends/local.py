@@ -1510,6 +1510,8 @@ class LocalBackend(Backend):
         self._own_tmp: int | None = None  # set by start(): this instance's temporary folder
         self._dir_syncs = _DirectorySyncs()
         self._journal: _journal.Journal | None = None  # set by start() where it serves
+        # Given to the journal (``_journal.Journal.observer``): for the metrics.
+        self.journal_observer: Callable[[str, int], None] | None = None
 
     # Every method below named ``_x`` runs in a worker thread and closes what it opens.
 
@@ -1596,6 +1598,7 @@ class LocalBackend(Backend):
             # changes must reach the journals of processes that have one.
             assert self._own_tmp is not None
             self._journal = _journal.Journal(self._own_tmp, self._ring)
+            self._journal.observer = self.journal_observer
 
     def _start(self) -> None:
         try:

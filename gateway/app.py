@@ -20,6 +20,7 @@ from typing import Final
 from aiohttp import web
 
 from backends.base import Backend
+from backends.local import LocalBackend
 from backends.registry import backend_class
 
 from . import admin, files, keys, lifecycle_api, observability, webui, zerocopy
@@ -311,6 +312,9 @@ def create_app(config: Config, backend: Backend | None = None) -> web.Applicatio
     app[METRICS] = Metrics()
     app[CONFIG] = config
     app[BACKEND] = backend if backend is not None else make_backend(config)
+    store = app[BACKEND]
+    if isinstance(store, LocalBackend):  # its journal's batches and checkpoints
+        store.journal_observer = app[METRICS].observe_journal
     app[TENANCY] = Tenancy(config)
     app[REGISTRY] = Registry(app[BACKEND], refresh_interval=config["auth.cache-seconds"])
     app[AUDIT] = AuditLog(app[BACKEND])

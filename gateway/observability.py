@@ -128,6 +128,22 @@ class Metrics:
             "Audit records dropped because too many were waiting to be written.",
             registry=self.registry,
         )
+        self.journal_batches = Counter(
+            "gateway_journal_batches",
+            "Batches of the local backend's journal, each made durable by one flush.",
+            registry=self.registry,
+        )
+        self.journal_records = Counter(
+            "gateway_journal_records",
+            "Records in those batches (small writes, markers of other changes, checkpoints).",
+            registry=self.registry,
+        )
+        self.journal_checkpoints = Counter(
+            "gateway_journal_checkpoints",
+            "Checkpoints of the journal (a syncfs of the store, after which a replay ignores "
+            "older records).",
+            registry=self.registry,
+        )
 
         # Children of the labelled collectors, by label values: ``labels()`` validates and
         # locks on every call, a dictionary lookup does not. As bounded as the labels.
@@ -159,6 +175,14 @@ class Metrics:
             children.received.inc(bytes_in)
         if bytes_out:
             children.sent.inc(bytes_out)
+
+    def observe_journal(self, kind: str, count: int) -> None:
+        """The local backend journal's observer (``LocalBackend.journal_observer``)."""
+        if kind == "batch":
+            self.journal_batches.inc()
+            self.journal_records.inc(count)
+        elif kind == "checkpoint":
+            self.journal_checkpoints.inc(count)
 
     def exposition(self) -> bytes:
         if _shared_folder is None:

@@ -106,6 +106,29 @@ async def test_metrics_count_requests_and_bytes_per_tenant(client: Client) -> No
     assert buckets[frozenset(labels)] == 2
 
 
+def _value(text: str, name: str) -> float:
+    """Given a text exposition, return the value of the unlabelled sample ``name``."""
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    assert match is not None, f"no {name} in the exposition"
+    return float(match.group(1))
+
+
+async def test_metrics_count_the_journals_batches_of_small_writes(client: Client) -> None:
+    before = await _metrics(client)
+    records = _value(before, "gateway_journal_records_total")
+    answers = await asyncio.gather(
+        *(client.put(f"/api/v1/acme/files/j{n}", data=b"small", headers=ALICE) for n in range(8))
+    )
+    assert [a.status for a in answers] == [201] * 8
+    after = await _metrics(client)
+    # Each upload is a record (its body, or a marker for one flushed with a new directory),
+    # and so is each audit document made; several share a batch.
+    assert _value(after, "gateway_journal_records_total") - records >= 8
+    batches = _value(after, "gateway_journal_batches_total")
+    assert 1 <= batches <= _value(after, "gateway_journal_records_total")
+    assert _value(after, "gateway_journal_checkpoints_total") == 0  # (no move, no full segment)
+
+
 async def test_hostile_tenant_segments_add_no_label_values(client: Client) -> None:
     await client.get("/api/v1/acme/stats", headers=ALICE)  # a known tenant, for comparison
     for hostile in ("nosuch", "x" * 300, "evil%0Aname", "a%22b", "UPPER"):
