@@ -15,8 +15,9 @@ ran before (``plan`` and ``LocalBackend._replay``): for each key with records it
 at the key hold the last acknowledged content, unless a later change there was made durable
 by other means. Those other changes of one key (a large write, a delete) are made durable as
 before, each followed by a *marker* record committed the same way before it is answered, so the
-replay can tell that the key's journaled content was superseded; a change of many keys at once
-(a move, a prefix deleted) is followed by a checkpoint (below). When only a process died (the
+replay can tell that the key's journaled content was superseded (a file moved: flushed, and
+both keys marked before the rename); a change of many keys at once (a directory moved, a prefix
+deleted) is followed by a checkpoint (below). When only a process died (the
 machine kept running), its files are in the kernel's cache, intact: a ``syncfs`` makes them
 durable and its journal goes, unread. Boots are told apart by the kernel's boot id: where
 there is none, there is no journal.

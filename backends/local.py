@@ -2537,11 +2537,40 @@ class LocalBackend(Backend):
 
     async def move(self, src: str, dst: str) -> None:
         journal = self._journal
-        if journal is not None:
-            # The files moved may be durable only by records at the keys they leave, which the
-            # checkpoint after the move makes ignored: this one makes them durable first.
+        if journal is None:
+            return await _to_the_end(self._move, src, dst)
+        # With the journal, what is moved may be durable only by records at the keys it
+        # leaves. A file: flushed, then markers of both keys (the key it leaves will be
+        # empty; the one it goes to will hold its inode: a replay leaves each as the rename
+        # left it, or, if the rename did not reach the disk, the file where it was), then
+        # the rename. A directory: a checkpoint before (everything in it durable) and after
+        # (every earlier record ignored): a syncfs each, where a file costs an fsync.
+        inode = await asyncio.to_thread(self._flush_file, src)
+        if inode is None:
             await asyncio.shield(journal.checkpoint())
-        await _to_the_end(self._move, src, dst, then=self._checkpoints())
+            await _to_the_end(self._move, src, dst, then=self._checkpoints())
+            return
+        for marker in (
+            journal.commit(_journal.MARKER, src, 0),
+            journal.commit(_journal.MARKER, dst, inode),
+        ):
+            (result,) = await asyncio.shield(marker)
+            if result < 0:
+                raise OSError(
+                    -result, f"the journal could not record the move: {os.strerror(-result)}"
+                )
+        await _to_the_end(self._move, src, dst)
+
+    def _flush_file(self, key: str) -> int | None:
+        """``fsync`` the file at ``key`` and return its inode; None for a directory."""
+        fd, st = self._open_entry(key)
+        try:
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            os.fsync(fd)
+            return st.st_ino
+        finally:
+            os.close(fd)
 
     def _move(self, src: str, dst: str) -> None:
         src_segments = _split(src)

@@ -341,3 +341,19 @@ async def test_after_a_failed_syncfs_no_write_is_acknowledged(
     with pytest.raises(OSError) as caught:
         await put(store, KEY_A, b"after the lost writeback")
     assert caught.value.errno == 5
+
+
+async def test_a_file_move_whose_rename_never_reached_the_disk_leaves_the_file_where_it_was(
+    store: LocalBackend,
+) -> None:
+    await put(store, KEY_A, b"makes the directory")
+    await put(store, KEY_A, b"journaled, then moved")
+    await store.move(KEY_A, "tenants/acme/moved.csv")
+    left_by_a_crash(store)
+    await store.close()
+    base = Path(store.base_path)
+    os.rename(base / "tenants/acme/moved.csv", base / KEY_A)  # the rename was lost
+    async with started(LocalBackend(store.base_path)) as after:
+        assert await get(after, KEY_A) == b"journaled, then moved"
+        with pytest.raises(FileNotFoundError):
+            await after.info("tenants/acme/moved.csv")
