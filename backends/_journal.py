@@ -52,7 +52,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from . import _uring
 
@@ -281,8 +281,7 @@ class Journal:
             if result < 0:
                 raise OSError(-result, os.strerror(-result))
             self._checkpointed = max(self._checkpointed, moment)
-            if self.observer is not None:
-                self.observer("checkpoint", 1)
+            self._observe("checkpoint", 1)
         finally:
             self._checkpointing = None
             done.set_result(None)
@@ -339,12 +338,22 @@ class Journal:
             segment.fresh = segment.new = False
             self.batches += 1
             self.records += len(batch)
-            if self.observer is not None:
-                self.observer("batch", len(batch))
         # On failure the segment's end stays: the next batch is written over this one.
         self._finish(batch, result)
-        if self._pending and not self._closed:
+        if self._closed:  # (commits made while close() waited)
+            pending, self._pending = self._pending, []
+            self._finish(pending, -errno.EBADF)
+        elif self._pending:
             self._start()
+        if result == 0:
+            self._observe("batch", len(batch))
+
+    def _observe(self, kind: str, count: int) -> None:
+        if self.observer is not None:
+            try:
+                self.observer(kind, count)
+            except Exception:  # a metric is not worth a write
+                log.exception("the journal's observer failed")
 
     @staticmethod
     def _finish(batch: list[_Pending], result: int) -> None:
@@ -391,14 +400,15 @@ class Journal:
 
     async def close(self) -> None:
         """Wait for the batches queued, then close the segments (their files stay)."""
-        while self._pending or (self._in_flight is not None and not self._in_flight.done()):
-            waiting: list[asyncio.Future[list[int]]] = [p[-1] for p in self._pending]
+        while True:  # a checkpoint, or a cancelled request's marker, may commit meanwhile
+            waiting: list[asyncio.Future[Any]] = [p[-1] for p in self._pending]
             if self._in_flight is not None and not self._in_flight.done():
                 waiting.append(self._in_flight)
+            if self._checkpointing is not None:
+                waiting.append(self._checkpointing)
+            if not waiting:
+                break
             await asyncio.wait(waiting)
-        if self._checkpointing is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.shield(self._checkpointing)
         self._closed = True
         for segment in self._segments:
             os.close(segment.fd)

@@ -2545,7 +2545,7 @@ class LocalBackend(Backend):
         # left it, or, if the rename did not reach the disk, the file where it was), then
         # the rename. A directory: a checkpoint before (everything in it durable) and after
         # (every earlier record ignored): a syncfs each, where a file costs an fsync.
-        inode = await asyncio.to_thread(self._flush_file, src)
+        inode = await asyncio.to_thread(self._flush_file, src, dst)
         if inode is None:
             await asyncio.shield(journal.checkpoint())
             await _to_the_end(self._move, src, dst, then=self._checkpoints())
@@ -2559,20 +2559,45 @@ class LocalBackend(Backend):
                 raise OSError(
                     -result, f"the journal could not record the move: {os.strerror(-result)}"
                 )
-        await _to_the_end(self._move, src, dst)
-
-    def _flush_file(self, key: str) -> int | None:
-        """``fsync`` the file at ``key`` and return its inode; None for a directory."""
-        fd, st = self._open_entry(key)
+        # Should the rename not happen after all (a race), the markers stand for nothing: a
+        # checkpoint then makes them, and every record before them, ignored.
         try:
-            if not stat.S_ISREG(st.st_mode):
-                return None
-            os.fsync(fd)
+            await _to_the_end(self._move, src, dst, inode, abandoned=self._checkpoint_if_failed)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            await asyncio.shield(journal.checkpoint())
+            raise
+
+    def _checkpoint_if_failed(self, moving: asyncio.Future[Any]) -> None:
+        journal = self._journal
+        if journal is not None and not moving.cancelled() and moving.exception() is not None:
+            asyncio.ensure_future(journal.checkpoint()).add_done_callback(_retrieve)
+
+    def _flush_file(self, key: str, dst: str) -> int | None:
+        """Before a move to ``dst`` (checked as ``_move`` does, so that a move it refuses is
+        refused before any marker): ``fsync`` the file at ``key`` and its directory (its
+        name may not be durable yet) and return its inode; None for a directory, or a move
+        to refuse (the checkpoint path, where ``_move`` raises)."""
+        if dst.startswith(f"{key}/") or self._lstat(_split(dst), dst) is not None:
+            return None
+        segments = _split(key)
+        parent = self._lookup_dir(segments[:-1], key)
+        try:
+            fd, st = _open_in(parent, segments[-1], key)
+            try:
+                if not stat.S_ISREG(st.st_mode):
+                    return None
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.fsync(parent)
             return st.st_ino
         finally:
-            os.close(fd)
+            os.close(parent)
 
-    def _move(self, src: str, dst: str) -> None:
+    def _move(self, src: str, dst: str, inode: int | None = None) -> None:
+        """``inode``: of the file ``move`` flushed and marked; another one there is refused."""
         src_segments = _split(src)
         dst_segments = _split(dst)
         if TMP_DIR.startswith(f"{src}/"):
@@ -2587,6 +2612,8 @@ class LocalBackend(Backend):
                 raise _symlink_error(src)
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
                 raise _not_found(src)
+            if inode is not None and st.st_ino != inode:
+                raise OSError(errno.EAGAIN, "the object changed while it was moved", src)
             if dst.startswith(f"{src}/"):
                 raise OSError(errno.EINVAL, "cannot move a directory into itself", dst)
             dst_parent = self._open_dir(dst_segments[:-1], dst, create=True)

@@ -357,3 +357,18 @@ async def test_a_file_move_whose_rename_never_reached_the_disk_leaves_the_file_w
         assert await get(after, KEY_A) == b"journaled, then moved"
         with pytest.raises(FileNotFoundError):
             await after.info("tenants/acme/moved.csv")
+
+
+async def test_a_move_refused_leaves_no_marker(store: LocalBackend) -> None:
+    await put(store, KEY_A, b"makes the directory")
+    await put(store, KEY_A, b"a")
+    await put(store, "tenants/acme/b.csv", b"b, journaled")
+    with pytest.raises(FileExistsError):
+        await store.move(KEY_A, "tenants/acme/b.csv")
+    folder = os.open(own_folder(store), os.O_RDONLY)
+    try:
+        records = _journal.read_folder(folder)
+    finally:
+        os.close(folder)
+    assert [r.kind for r in records if r.key == "tenants/acme/b.csv"] == [_journal.CONTENT]
+    assert await get(store, "tenants/acme/b.csv") == b"b, journaled"
