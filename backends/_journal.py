@@ -175,6 +175,14 @@ def plan(records: Iterable[Record], since: int = 0) -> list[tuple[Record, Record
     return [(record, marker[key]) for key, record in sorted(last.items())]
 
 
+def check(outcome: list[int]) -> None:
+    """Given what a ``Journal.commit`` future gave (``[0]`` or ``[-errno]``), raise if the
+    record's batch failed."""
+    (result,) = outcome
+    if result < 0:
+        raise OSError(-result, f"the journal could not record the change: {os.strerror(-result)}")
+
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -218,6 +226,8 @@ class Journal:
         self._segment_bytes = segment_bytes
         self._segments: list[_Segment] = []  # oldest first; the last one is written
         self._pending: list[_Pending] = []
+        # A batch is being written, until its end is known (``_ended``: the future alone is
+        # done earlier, before its callbacks have run).
         self._running = False
         self._in_flight: asyncio.Future[list[int]] | None = None
         self._generation = 0
@@ -277,9 +287,7 @@ class Journal:
                               "any more; the journal is kept for the next start", exc)  # fmt: skip
                 self._failed = exc
                 raise
-            (result,) = await asyncio.shield(self.commit(CHECKPOINT, "", stamp=moment))
-            if result < 0:
-                raise OSError(-result, os.strerror(-result))
+            check(await asyncio.shield(self.commit(CHECKPOINT, "", stamp=moment)))
             self._checkpointed = max(self._checkpointed, moment)
             self._observe("checkpoint", 1)
         finally:

@@ -185,31 +185,31 @@ def _left_this_boot(folder: int, boot: str) -> bool:
     return written is None or written == boot
 
 
-def _folder_boot(folder: int) -> str | None:
-    """The boot id a temporary folder's lock file holds; None without a lock file."""
+def _read_note(folder: int, name: str) -> str | None:
+    """The text of the small bookkeeping file ``name`` in ``folder`` (a lock file, the
+    checkpoint); None if there is none."""
     try:
-        lock = os.open(LOCK_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
     except FileNotFoundError:
         return None
     try:
-        return os.read(lock, 128).decode("ascii", "replace").strip()
+        return os.read(fd, 256).decode("ascii", "replace").strip()
     finally:
-        os.close(lock)
+        os.close(fd)
+
+
+def _folder_boot(folder: int) -> str | None:
+    """The boot id a temporary folder's lock file holds; None without a lock file."""
+    return _read_note(folder, LOCK_NAME)
 
 
 def _read_checkpoint(tmp: int) -> tuple[str, int]:
     """The boot id and stamp of ``CHECKPOINT_NAME`` in ``tmp``; ("", 0) if there is none."""
     try:
-        fd = os.open(CHECKPOINT_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=tmp)
-    except OSError:
-        return "", 0
-    try:
-        boot, stamp = os.read(fd, 256).decode("ascii").split()
+        boot, stamp = (_read_note(tmp, CHECKPOINT_NAME) or "").split()
         return boot, int(stamp)
     except (OSError, ValueError):
         return "", 0
-    finally:
-        os.close(fd)
 
 
 def _write_checkpoint(tmp: int, boot: str, stamp: int) -> None:
@@ -1188,9 +1188,8 @@ async def _to_the_end(
     try:
         for follow in follows:
             outcome = await asyncio.shield(follow)
-            if isinstance(outcome, list) and outcome[0] < 0:
-                code = -outcome[0]
-                raise OSError(code, f"the journal could not record the change: {os.strerror(code)}")
+            if isinstance(outcome, list):  # a record's (a checkpoint's is None)
+                _journal.check(outcome)
     except BaseException:
         if abandoned is not None:
             abandoned(future)  # (e.g. the appendable's descriptor goes)
@@ -2299,6 +2298,8 @@ class LocalBackend(Backend):
         parent = None
         ring = self._ring
         journal = self._journal
+        body = b"".join(data)
+        data = [body]  # (joined once: for the ring's write and the journal's record)
         chain = None
         try:
             sync = journal is None  # else the journal's record makes the body durable
@@ -2345,15 +2346,12 @@ class LocalBackend(Backend):
         if journal is not None:
             # Durable once the record is: no fsync of the directory (nor, unless a thread
             # sealed it, of the file).
-            syncing = journal.commit(_journal.CONTENT, key, st.st_ino, xattr, b"".join(data))
+            syncing = journal.commit(_journal.CONTENT, key, st.st_ino, xattr, body)
         elif ring is not None and temp.replaced_small():
             with contextlib.suppress(OSError):  # (fstat) a thread settles it then
                 syncing = self._dir_syncs.after(parent, ring)
-        if syncing is None:
-            installed = st.st_ino
-            await _to_the_end(
-                _settle, temp, parent, self._spares, then=self._marks(key, lambda _: installed)
-            )
+        if syncing is None:  # (no journal here)
+            await _to_the_end(_settle, temp, parent, self._spares)
             return st
         # The rest of _settle once the fsync has run, whatever becomes of this task: the
         # directory and the temporary folder stay open until then.
@@ -2554,11 +2552,7 @@ class LocalBackend(Backend):
             journal.commit(_journal.MARKER, src, 0),
             journal.commit(_journal.MARKER, dst, inode),
         ):
-            (result,) = await asyncio.shield(marker)
-            if result < 0:
-                raise OSError(
-                    -result, f"the journal could not record the move: {os.strerror(-result)}"
-                )
+            _journal.check(await asyncio.shield(marker))
         # Should the rename not happen after all (a race), the markers stand for nothing: a
         # checkpoint then makes them, and every record before them, ignored.
         try:
